@@ -1,0 +1,39 @@
+"""Input and hyperparameter checks shared by every module: one wording for one mistake."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_eps(eps: float | None, *, allow_none: bool = False) -> None:
+    """``ValueError`` unless eps is a finite non-negative number (or None where the layer allows it)."""
+    if eps is None and allow_none:
+        return
+    if eps is None or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+
+
+def as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple of positive ints (an int means the last dim)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or any(not isinstance(n, int) or n <= 0 for n in shape):
+        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    return shape
+
+
+def check_input(x: torch.Tensor, trailing: tuple[int, ...], *, name: str = "input") -> None:
+    """``ValueError`` naming expected and actual shape when ``x`` does not end in ``trailing``;
+    ``TypeError`` for a non-floating dtype. Skipped while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if tuple(x.shape[x.dim() - len(trailing):]) != trailing or x.dim() < len(trailing):
+        raise ValueError(f"expected {name} with trailing shape {trailing}, got {tuple(x.shape)}")

@@ -1,0 +1,1 @@
+"""The claim-check harness behind ``normlab bench``, ``normlab report`` and ``normlab speed``."""

@@ -1,0 +1,1 @@
+"""One module per method: its claim check(s), registered on import."""

@@ -1,0 +1,108 @@
+"""The method catalog: one frozen entry per paper of ``papers.md``.
+
+``status`` is how far the implementation has come: ``planned`` (nothing yet), ``implemented`` (the
+objects exist and are tested), ``verified`` (the spec sheet's equivalence and reference checks pass in
+the test suite). Claim verdicts are not a status: they live in the committed full-mode results under
+``benchmarks/results/`` and are read by :func:`normlab.bench.report.committed_verdicts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS = ("layer", "reparam", "optimizer", "conversion", "attention", "analysis", "explain", "training")
+STATUSES = ("planned", "implemented", "verified")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One paper: its sheet slug, title, year, kinds, public objects, claim-check ids and status."""
+
+    slug: str
+    title: str
+    year: int
+    kinds: tuple[str, ...]
+    objects: tuple[str, ...] = ()
+    experiments: tuple[str, ...] = ()
+    status: str = "planned"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"{self.slug}: unknown kinds {sorted(unknown)}; valid: {KINDS}")
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.slug}: unknown status {self.status!r}; valid: {STATUSES}")
+
+
+CATALOG: tuple[MethodEntry, ...] = (
+    MethodEntry("gns_newton", "Gradient-Normalized Smoothness for Optimization with Approximate Hessians",
+                2025, ("optimizer",)),
+    MethodEntry("layernorm", "Layer Normalization", 2016, ("layer",),
+                objects=("LayerNorm", "RMSNorm", "LayerNormLSTMCell", "LayerNormLSTM"),
+                experiments=("layernorm",), status="verified"),
+    MethodEntry("adamp", "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+                2020, ("optimizer",)),
+    MethodEntry("unified_norm", "Unified Normalization for Accelerating and Stabilizing Transformers", 2022,
+                ("layer", "conversion")),
+    MethodEntry("normgrad", "There and Back Again: Revisiting Backpropagation Saliency Methods", 2020,
+                ("explain",)),
+    MethodEntry("nap", "Normalization and effective learning rates in reinforcement learning", 2024,
+                ("reparam", "analysis")),
+    MethodEntry("powernorm", "PowerNorm: Rethinking Batch Normalization in Transformers", 2020, ("layer",)),
+    MethodEntry("evonorm", "Evolving Normalization-Activation Layers", 2020, ("layer",)),
+    MethodEntry("region_norm", "Region Normalization for Image Inpainting", 2019, ("layer",)),
+    MethodEntry("filter_design", "On filter design in deep convolutional neural network", 2024, ("analysis",)),
+    MethodEntry("lla_hessian", "Investigating generalization capabilities of neural networks by means of loss "
+                "landscapes and Hessian analysis", 2024, ("analysis",)),
+    MethodEntry("cf_cam", "CF-CAM: Cluster Filter Class Activation Mapping for Reliable Gradient-Based "
+                "Interpretability", 2025, ("explain",)),
+    MethodEntry("meta_loss_rescaling", "Learning from Noisy Labels via Self-Taught On-the-Fly Meta Loss Rescaling",
+                2024, ("training",)),
+    MethodEntry("gmn_sinkgd", "Gradient Multi-Normalization for Stateless and Scalable LLM Training", 2025,
+                ("optimizer",)),
+    MethodEntry("swan", "SWAN: SGD with Normalization and Whitening Enables Stateless LLM Training", 2024,
+                ("optimizer",)),
+    MethodEntry("pada", "PA&DA: Jointly Sampling PAth and DAta for Consistent NAS", 2023, ("training",)),
+    MethodEntry("diffgrad", "diffGrad: An Optimization Method for Convolutional Neural Networks", 2019,
+                ("optimizer",)),
+    MethodEntry("tract", "TrAct: Making First-layer Pre-Activations Trainable", 2024, ("training",)),
+    MethodEntry("pre_rmsnorm", "Pre-RMSNorm and Pre-CRMSNorm Transformers: Equivalent and Efficient Pre-LN "
+                "Transformers", 2023, ("layer", "conversion"),
+                objects=("CRMSNorm", "to_rmsnorm"), experiments=("pre_rmsnorm",), status="verified"),
+    MethodEntry("adab2n", "Overcoming Recency Bias of Normalization Statistics in Continual Learning: Balance "
+                "and Adaptation", 2023, ("layer",)),
+    MethodEntry("bcn_ws", "Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
+                2019, ("layer", "reparam", "conversion")),
+    MethodEntry("zo_subspace", "Efficient Personalization of Quantized Diffusion Model without Backpropagation",
+                2024, ("optimizer", "training")),
+    MethodEntry("normalized_lrgd", "From Logistic Regression to the Perceptron Algorithm: Exploring Gradient "
+                "Descent with Large Step Sizes", 2024, ("optimizer",)),
+    MethodEntry("weight_compander", "Weight Compander: A Simple Weight Reparameterization for Regularization",
+                2023, ("reparam",)),
+    MethodEntry("fedtiny", "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", 2022,
+                ("training",)),
+    MethodEntry("adaptive_guidance", "Adaptive Guidance: Training-free Acceleration of Conditional Diffusion "
+                "Models", 2023, ("training",)),
+    MethodEntry("td_layernorm", "Alleviating Distortion in Image Generation via Multi-Resolution Diffusion Models",
+                2024, ("layer",)),
+    MethodEntry("alpha_bn", "Test-time Batch Statistics Calibration for Covariate Shift", 2021,
+                ("layer", "training")),
+    MethodEntry("nalaformer", "NaLaFormer: Norm-Aware Linear Attention for Transformer Models", 2025,
+                ("attention",)),
+    MethodEntry("residual_scaling", "On residual network depth", 2025, ("layer", "analysis")),
+)
+
+_BY_SLUG = {entry.slug: entry for entry in CATALOG}
+
+
+def list_methods() -> list[MethodEntry]:
+    """All catalog entries, in the papers' order."""
+    return list(CATALOG)
+
+
+def get_method(slug: str) -> MethodEntry:
+    """The entry for ``slug``; ``KeyError`` listing the valid slugs otherwise."""
+    try:
+        return _BY_SLUG[slug]
+    except KeyError:
+        raise KeyError(f"unknown method {slug!r}; valid: {', '.join(sorted(_BY_SLUG))}") from None
