@@ -1,5 +1,5 @@
 """Model surgery: exact conversions and architecture swaps, in place, returning the changed names."""
 
-from .pre_rmsnorm import to_rmsnorm
+from .pre_rmsnorm import BlockSpec, ConversionError, PreLNSpec, to_rmsnorm
 
-__all__ = ["to_rmsnorm"]
+__all__ = ["BlockSpec", "ConversionError", "PreLNSpec", "to_rmsnorm"]
