@@ -27,8 +27,8 @@ def make_experiment(exp_id="toy", calls=None, budget=60.0, run=None, shared_key=
 
     grid = Grid(arms=("baseline", "method"), lrs=(0.1, 0.01), seeds=(0, 1), budget_s=budget)
     extra = {"shared_key": shared_key} if shared_key else {}
-    return Experiment(id=exp_id, claim="method has lower loss", baseline="baseline arm", metric="loss",
-                      pass_rule="mean loss lower", grids={"full": grid, "quick": grid, "smoke": grid},
+    return Experiment(id=exp_id, claim="method has lower loss", baseline="baseline arm", metric="loss of the toy",
+                      primary_metric="loss", pass_rule="mean loss lower", grids={"full": grid, "quick": grid, "smoke": grid},
                       run=run or default_run, verdict=kw.get("verdict", mean_verdict), **extra)
 
 
@@ -170,5 +170,15 @@ def test_report_on_empty_folder_is_a_clear_error(tmp_path):
 def test_experiment_needs_every_mode():
     grid = Grid(("a",), (None,), (0,), 1.0)
     with pytest.raises(ValueError, match="modes"):
-        Experiment(id="x", claim="", baseline="", metric="m", pass_rule="", grids={"full": grid},
+        Experiment(id="x", claim="", baseline="", metric="m", primary_metric="m", pass_rule="", grids={"full": grid},
                    run=lambda *a: {}, verdict=lambda r: ("pass", ""))
+
+
+def test_torn_last_line_from_a_kill_is_dropped_on_resume(tmp_path):
+    run_experiments([make_experiment()], "full", tmp_path, progress=False)
+    lines = (tmp_path / "records.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "records.jsonl").write_text("".join(lines[:3]) + lines[3][:25])
+    calls = []
+    run_experiments([make_experiment(calls=calls)], "full", tmp_path, resume=True, progress=False)
+    assert len(calls) == 5
+    assert len(load_records(tmp_path)) == 8

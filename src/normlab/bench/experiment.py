@@ -40,12 +40,14 @@ class Grid:
 
 @dataclass(frozen=True)
 class Experiment:
-    """One claim check. ``id`` is ``<slug>`` or ``<slug>.<check>``."""
+    """One claim check. ``id`` is ``<slug>`` or ``<slug>.<check>``; ``metric`` describes the outcome
+    measure in words, ``primary_metric`` is its key in the records' metrics (plotted per arm)."""
 
     id: str
     claim: str
     baseline: str
     metric: str
+    primary_metric: str
     pass_rule: str
     grids: dict[str, Grid]
     run: Callable[[str, float | None, int, str], RunResult]

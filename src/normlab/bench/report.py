@@ -68,16 +68,16 @@ def plot_experiment(exp: Experiment, records: Sequence[Record], plots: Path) -> 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels, means, errs = [], [], []
     for label, recs in groups.items():
-        values = [r["metrics"][exp.metric] for r in recs if exp.metric in r["metrics"]]
+        values = [r["metrics"][exp.primary_metric] for r in recs if exp.primary_metric in r["metrics"]]
         if values:
             mean, std = mean_std(values)
             labels.append(label), means.append(mean), errs.append(std)
     ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color="tab:blue")
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(exp.metric)
-    ax.set_title(f"{exp.id}: {exp.metric} (mean ± std over seeds)", fontsize=9)
+    ax.set_ylabel(exp.primary_metric)
+    ax.set_title(f"{exp.id}: {exp.primary_metric} (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
-    name = f"{exp.id}.{_safe(exp.metric)}.png"
+    name = f"{exp.id}.{_safe(exp.primary_metric)}.png"
     fig.savefig(plots / name, dpi=100)
     plt.close(fig)
     names.append(name)
@@ -150,7 +150,7 @@ def build_report(out: str | Path) -> list[dict[str, Any]]:
             f"## {exp_id} — {label}", "",
             f"**Claim.** {exp.claim}", "",
             f"**Baseline.** {exp.baseline}", "",
-            f"**Metric.** {exp.metric}", "",
+            f"**Metric.** {exp.metric} (primary: `{exp.primary_metric}`)", "",
             metric_table(recs), "",
             f"**Pass rule.** {exp.pass_rule}", "",
             f"**Verdict.** {status}: {summary}", "",

@@ -134,7 +134,10 @@ def run_experiments(experiments: Sequence[Experiment], mode: str, out: str | os.
     ids = {e.id for e in experiments}
     if not resume:
         existing = [r for r in existing if r["experiment"] not in ids]
-        (out / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in existing))
+    # Rewritten whole: drops the other runs of a fresh start and the torn last line a kill can leave.
+    tmp = out / (RECORDS + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in existing))
+    tmp.replace(out / RECORDS)
     done = {run_key(r) for r in existing}
     shared = {r["shared_key"]: r for r in existing if r.get("shared_key")}
     plans = []
