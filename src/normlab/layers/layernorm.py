@@ -16,7 +16,9 @@ RMSNorm:  ``y = x / sqrt(mean(x^2) + eps) * weight (+ bias)``, eps inside the sq
 ``eps=1e-8`` outside the sqrt; normlab follows torch so that ``RMSNorm`` is a drop-in for
 ``nn.RMSNorm``. ``bias=True`` exists for the Pre-LN -> Pre-RMSNorm conversion, which keeps the LN's
 bias on the RMSNorm. Its backward is hand-written on top of ATen's fused LayerNorm backward, because
-torch's own CPU ``rms_norm`` is several times slower than its ``layer_norm``.
+torch's own CPU ``rms_norm`` is several times slower than its ``layer_norm``. Recommended mode for speed:
+``torch.compile`` (inductor fuses RMSNorm and CRMSNorm into one kernel each way); eager mode is within
+a small factor of ``nn.LayerNorm`` (``normlab speed`` has the numbers, ``functional.py`` the reasons).
 
 CRMSNorm (Compressed RMSNorm):  for the first ``d-1`` coordinates ``x`` of a zero-mean d-vector,
 ``y = x / sqrt((sum(x^2) + sum(x)^2) / d + eps) * weight (+ bias)``; equals the first d-1 outputs of

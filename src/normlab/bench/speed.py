@@ -1,0 +1,352 @@
+"""``normlab speed``: interleaved speed micro-benchmarks against torch's own layers and optimizers.
+
+Every row times one job against the torch baseline of the same job, measured in the same rounds:
+each round times the baseline, the candidate eager, the candidate under ``torch.compile`` and a copy
+(``clone()``) of the same input with ``torch.utils.benchmark.Timer`` at 2 threads, so that load from
+other processes hits all of them alike. A row reports medians over rounds of
+
+- ``ratio_eager`` / ``ratio_compiled``: candidate time / baseline eager time of the same round;
+- ``copy_x_eager`` / ``copy_x_compiled``: candidate time / copy time of the same round (the copy is
+  the memory-bandwidth floor: no layer can read its input and write its output faster);
+- ``state_bytes`` (optimizer rows): the bytes of every tensor in ``optimizer.state`` after one step.
+
+Layer rows time forward + backward (``torch.autograd.grad`` of the output with a fixed random
+cotangent, with respect to the input and every parameter, in ``train()`` mode) at a token shape
+(8 x 256 x 768, float32) against ``torch.nn.LayerNorm`` and at a conv shape (16 x 64 x 32 x 32)
+against ``torch.nn.BatchNorm2d``. The baseline is always torch's eager layer; the compiled column
+compiles the candidate once (inductor), warms it up, then times it. Optimizer rows time
+``optimizer.step()`` on a ~10M-parameter MLP (fixed random gradients) against
+``torch.optim.AdamW(foreach=True)``; their copy is a ``clone()`` of every parameter and their compiled
+column compiles ``step``. A case whose setup, eager run, compile or timing fails becomes a row with
+``error`` set; the other rows still run.
+
+Adding a row is one line in ``LAYER_CASES`` or ``OPTIMIZER_CASES``; :func:`setup_layer` and
+:func:`setup_optimizer` are the one setup function per case that speed and memory runs share
+(Liger-Kernel's benchmark layout). Timings never decide anything else in normlab: they are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+from ..layers import CRMSNorm, LayerNorm, RMSNorm
+
+NUM_THREADS = 2
+
+#: full-mode and quick-mode input shapes by name; the feature dim is the last dim for "token" and
+#: dim 1 for "conv".
+SHAPES = {
+    "token": {"full": (8, 256, 768), "quick": (2, 8, 32)},
+    "conv": {"full": (16, 64, 32, 32), "quick": (2, 4, 8, 8)},
+}
+FEATURE_DIM = {"token": -1, "conv": 1}
+#: the ~10M-parameter MLP of the optimizer rows: Linear(1280, 4096) -> GELU -> Linear(4096, 1280).
+MLP_WIDTHS = {"full": (1280, 4096, 1280), "quick": (16, 32, 16)}
+#: (rounds, seconds per measurement) by mode.
+BUDGET = {"full": (7, 0.2), "quick": (2, 0.005)}
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """A layer row: ``make_module(num_features)`` built on the ``shape`` input ("token" or "conv"),
+    timed fwd+bwd against the eager layer of ``baseline`` (a key of ``LAYER_BASELINES``).
+    ``width_offset`` changes the feature dim of the input (CRMSNorm takes the compressed width d-1)."""
+
+    name: str
+    make_module: Callable[[int], nn.Module]
+    shape: str
+    baseline: str = "layernorm"
+    width_offset: int = 0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class OptimizerCase:
+    """An optimizer row: ``make_optimizer(params)`` stepped on the MLP, timed against AdamW(foreach)."""
+
+    name: str
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    baseline: str = "adamw"
+    note: str = ""
+
+
+LAYER_BASELINES = {
+    "layernorm": LayerCase("torch nn.LayerNorm", nn.LayerNorm, "token"),
+    "batchnorm2d": LayerCase("torch nn.BatchNorm2d", nn.BatchNorm2d, "conv", baseline="batchnorm2d"),
+}
+
+OPTIMIZER_BASELINES = {
+    "adamw": OptimizerCase("torch AdamW(foreach)",
+                           lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True)),
+}
+
+LAYER_CASES: list[LayerCase] = [
+    LAYER_BASELINES["layernorm"],
+    LayerCase("normlab LayerNorm", LayerNorm, "token"),
+    LayerCase("normlab RMSNorm", RMSNorm, "token"),
+    LayerCase("normlab CRMSNorm", CRMSNorm, "token", width_offset=-1,
+              note="input width d-1 (767 at full size): the compressed d-vector, d = LayerNorm's width"),
+    LayerCase("torch nn.RMSNorm", nn.RMSNorm, "token", note="shown beside"),
+    LAYER_BASELINES["batchnorm2d"],
+]
+
+OPTIMIZER_CASES: list[OptimizerCase] = [
+    OPTIMIZER_BASELINES["adamw"],
+    OptimizerCase("torch SGD(momentum, foreach)",
+                  lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)),
+]
+
+
+def all_cases() -> list[LayerCase | OptimizerCase]:
+    """The registered rows, layers first."""
+    return [*LAYER_CASES, *OPTIMIZER_CASES]
+
+
+def _mode(quick: bool) -> str:
+    return "quick" if quick else "full"
+
+
+def input_shape(case: LayerCase, quick: bool) -> tuple[int, ...]:
+    """The input shape of a layer case in this mode (``width_offset`` applied to the feature dim)."""
+    shape = list(SHAPES[case.shape][_mode(quick)])
+    shape[FEATURE_DIM[case.shape]] += case.width_offset
+    return tuple(shape)
+
+
+def setup_layer(case: LayerCase, quick: bool, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``(module, x, dy)``: the module in train mode, an input that requires grad and a cotangent."""
+    shape = input_shape(case, quick)
+    gen = torch.Generator().manual_seed(seed)
+    module = case.make_module(shape[FEATURE_DIM[case.shape]]).train()
+    x = torch.randn(shape, generator=gen).requires_grad_(True)
+    dy = torch.randn(shape, generator=gen)
+    return module, x, dy
+
+
+def mlp(quick: bool, seed: int = 0) -> nn.Sequential:
+    """The optimizer rows' model (~10.5M parameters in full mode)."""
+    torch.manual_seed(seed)
+    d_in, hidden, d_out = MLP_WIDTHS[_mode(quick)]
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
+def setup_optimizer(case: OptimizerCase, quick: bool, seed: int = 0) -> tuple[torch.optim.Optimizer, list]:
+    """``(optimizer, params)`` over a fresh MLP whose parameters hold fixed random gradients."""
+    params = list(mlp(quick, seed).parameters())
+    gen = torch.Generator().manual_seed(seed + 1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    return case.make_optimizer(params), params
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in ``optimizer.state``."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t))
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+    return lambda: torch.autograd.grad(module(x), inputs, dy)
+
+
+def _timer(fn: Callable[[], object]) -> Timer:
+    return Timer("fn()", globals={"fn": fn}, num_threads=NUM_THREADS)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float) -> dict[str, list[float]]:
+    """Seconds per call of each function, one measurement per round, the functions alternating within
+    each round (so that a burst of load hits them alike). Each measurement is the median of
+    ``Timer.blocked_autorange`` at ``NUM_THREADS`` threads."""
+    timers = {name: _timer(fn) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    return times
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def _compile(make_fn: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """Compile once, warm up (the first calls compile forward and backward), return the callable."""
+    torch._dynamo.reset()
+    fn = make_fn()
+    for _ in range(3):
+        fn()
+    return fn
+
+
+def _name(backend: str | Callable) -> str:
+    return backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+
+
+def _error(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _row(kind: str, name: str, baseline: str, shape, note: str) -> dict:
+    return {"kind": kind, "name": name, "baseline": baseline, "shape": list(shape), "dtype": "float32",
+            "threads": NUM_THREADS, "note": note, "baseline_ms": None, "eager_ms": None, "compiled_ms": None,
+            "copy_ms": None, "ratio_eager": None, "ratio_compiled": None, "copy_x_eager": None,
+            "copy_x_compiled": None, "state_bytes": None, "rounds": 0, "load_avg": _load_avg(), "error": None}
+
+
+def _load_avg() -> float | None:
+    """The 1-minute load average when the row started (None where the OS has none): timings at
+    ``NUM_THREADS`` threads mean little once other processes keep the cores busy."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _fill(row: dict, times: dict[str, list[float]]) -> None:
+    base, copy = times["baseline"], times["copy"]
+    row["rounds"] = len(base)
+    row["baseline_ms"] = statistics.median(base) * 1e3
+    row["copy_ms"] = statistics.median(copy) * 1e3
+    for mode in ("eager", "compiled"):
+        if mode in times:
+            row[f"{mode}_ms"] = statistics.median(times[mode]) * 1e3
+            row[f"ratio_{mode}"] = _median_ratio(times[mode], base)
+            row[f"copy_x_{mode}"] = _median_ratio(times[mode], copy)
+
+
+def _time_row(row: dict, fns: dict, is_baseline: bool, rounds: int, min_run_time: float) -> None:
+    try:
+        times = interleaved(fns, rounds, min_run_time)
+    except Exception as exc:  # noqa: BLE001 -- a case that fails while timed is an error row too
+        row["error"] = _error(exc)
+        return
+    if is_baseline:
+        times["eager"] = times["baseline"]
+    _fill(row, times)
+
+
+def time_layer(case: LayerCase, quick: bool, backend: str | Callable = "inductor") -> dict:
+    """One layer row: fwd+bwd of ``case`` eager and compiled against its torch baseline, eager."""
+    base_case = LAYER_BASELINES[case.baseline]
+    row = _row("layer", case.name, base_case.name, input_shape(case, quick), case.note)
+    rounds, min_run_time = BUDGET[_mode(quick)]
+    try:
+        base_module, base_x, base_dy = setup_layer(base_case, quick)
+        module, x, dy = setup_layer(case, quick)
+        fns = {"baseline": _fwd_bwd(base_module, base_x, base_dy), "copy": lambda: x.detach().clone()}
+        if case is not base_case:
+            fns["eager"] = _fwd_bwd(module, x, dy)
+            fns["eager"]()
+    except Exception as exc:  # noqa: BLE001 -- a broken case is reported as an error row
+        row["error"] = _error(exc)
+        return row
+    try:
+        fns["compiled"] = _compile(lambda: _fwd_bwd(torch.compile(module, backend=backend), x, dy))
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"compile ({_name(backend)}): {_error(exc)}"
+    _time_row(row, fns, case is base_case, rounds, min_run_time)
+    return row
+
+
+def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "inductor") -> dict:
+    """One optimizer row: ``step()`` of ``case`` against AdamW(foreach=True), with its state bytes.
+    The compiled column compiles ``step`` (torch.optim supports this)."""
+    base_case = OPTIMIZER_BASELINES[case.baseline]
+    row = _row("optimizer", case.name, base_case.name, [sum(p.numel() for p in mlp(quick).parameters())],
+               case.note)
+    rounds, min_run_time = BUDGET[_mode(quick)]
+    try:
+        base_opt, _ = setup_optimizer(base_case, quick)
+        opt, params = setup_optimizer(case, quick)
+        opt.step()
+        row["state_bytes"] = state_bytes(opt)
+        fns = {"baseline": base_opt.step, "copy": lambda: [p.detach().clone() for p in params]}
+        if case is not base_case:
+            fns["eager"] = opt.step
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = _error(exc)
+        return row
+    try:
+        compiled_opt, _ = setup_optimizer(case, quick)
+        fns["compiled"] = _compile(lambda: torch.compile(compiled_opt.step, backend=backend))
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"compile ({_name(backend)}): {_error(exc)}"
+    _time_row(row, fns, case is base_case, rounds, min_run_time)
+    return row
+
+
+def run_speed(quick: bool, cases: Sequence[LayerCase | OptimizerCase | str] | None = None, *,
+              backend: str | Callable = "inductor", progress: bool = False) -> list[dict]:
+    """Time ``cases`` (default: every registered row; a string selects rows by name) and return one
+    JSON-serialisable dict per row. ``quick`` uses tiny shapes and few rounds (for tests);
+    ``backend`` is the ``torch.compile`` backend of the compiled column."""
+    registry = all_cases()
+    if cases is None:
+        selected = registry
+    else:
+        by_name = {case.name: case for case in registry}
+        selected = []
+        for case in cases:
+            if isinstance(case, str) and case not in by_name:
+                raise KeyError(f"unknown speed case {case!r}; valid: {sorted(by_name)}")
+            selected.append(by_name[case] if isinstance(case, str) else case)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)  # inductor bakes the thread count in at compile time
+    try:
+        iterator = selected
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(selected, desc="normlab speed", unit="row")
+        rows = []
+        for case in iterator:
+            timer = time_layer if isinstance(case, LayerCase) else time_optimizer
+            rows.append(timer(case, quick, backend))
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a text table: ratios to the eager torch baseline and multiples of a copy."""
+    header = ("row", "shape", "vs", "eager", "compiled", "eager/copy", "comp/copy", "ms eager", "ms base",
+              "state MiB")
+    lines = []
+    for r in rows:
+        state = None if r["state_bytes"] is None else r["state_bytes"] / 2**20
+        shape = "x".join(map(str, r["shape"])) if r["kind"] == "layer" else f"{r['shape'][0] / 1e6:.1f}M params"
+        lines.append((r["name"], shape, r["baseline"], _fmt(r["ratio_eager"], ".2f") + "x",
+                      _fmt(r["ratio_compiled"], ".2f") + "x", _fmt(r["copy_x_eager"], ".1f"),
+                      _fmt(r["copy_x_compiled"], ".1f"), _fmt(r["eager_ms"], ".3f"), _fmt(r["baseline_ms"], ".3f"),
+                      _fmt(state, ".1f")))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    threads = rows[0]["threads"] if rows else NUM_THREADS
+    out.append("")
+    out.append(f"float32, {threads} threads, torch {torch.__version__}; eager/compiled = time / torch baseline eager "
+               "(medians of per-round ratios, lower is faster); x/copy = time / clone() of the same input.")
+    loads = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
+    if loads:
+        out.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores while timing "
+                   "(other processes preempting the timed threads inflate every ratio toward counts of "
+                   "parallel regions).")
+    for r in rows:
+        if r["note"]:
+            out.append(f"{r['name']}: {r['note']}")
+        if r["error"]:
+            out.append(f"{r['name']}: ERROR {r['error']}")
+    return "\n".join(out)

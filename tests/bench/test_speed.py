@@ -1,0 +1,139 @@
+"""The speed harness in quick mode: rows, keys, ratios, JSON, error rows, optimizer state bytes.
+
+No timing thresholds: timings on 2 shared cores decide nothing. The compiled column uses the
+``aot_eager`` backend here (inductor compiles only in ``normlab speed`` and slow tests).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.bench import speed
+from normlab.bench.speed import LayerCase, OptimizerCase, format_table, run_speed
+
+LAYER_KEYS = {"kind", "name", "baseline", "shape", "dtype", "threads", "note", "baseline_ms", "eager_ms",
+              "compiled_ms", "copy_ms", "ratio_eager", "ratio_compiled", "copy_x_eager", "copy_x_compiled",
+              "state_bytes", "rounds", "load_avg", "error"}
+TIMES = ("baseline_ms", "eager_ms", "compiled_ms", "copy_ms", "ratio_eager", "ratio_compiled", "copy_x_eager",
+         "copy_x_compiled")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return run_speed(quick=True, backend="aot_eager")
+
+
+def test_every_registered_row_is_present_with_the_expected_keys(rows):
+    assert [r["name"] for r in rows] == [case.name for case in speed.all_cases()]
+    for row in rows:
+        assert set(row) == LAYER_KEYS
+        assert row["error"] is None, row
+        assert row["threads"] == 2
+
+
+def test_the_issue_rows_are_registered():
+    names = [case.name for case in speed.all_cases()]
+    for name in ("torch nn.LayerNorm", "normlab LayerNorm", "normlab RMSNorm", "normlab CRMSNorm",
+                 "torch nn.RMSNorm", "torch nn.BatchNorm2d", "torch AdamW(foreach)", "torch SGD(momentum, foreach)"):
+        assert name in names
+    baselines = {case.name: speed.LAYER_BASELINES[case.baseline].name for case in speed.LAYER_CASES}
+    assert baselines["normlab RMSNorm"] == "torch nn.LayerNorm"
+    assert baselines["torch nn.BatchNorm2d"] == "torch nn.BatchNorm2d"
+
+
+def test_ratios_and_multiples_are_positive_and_finite(rows):
+    for row in rows:
+        for key in TIMES:
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key)
+        assert row["rounds"] == speed.BUDGET["quick"][0]
+
+
+def test_a_baseline_row_has_eager_ratio_one(rows):
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["torch nn.LayerNorm"]["ratio_eager"] == 1.0
+    assert by_name["torch AdamW(foreach)"]["ratio_eager"] == 1.0
+
+
+def test_shapes_follow_the_mode_and_crmsnorm_takes_the_compressed_width(rows):
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["normlab LayerNorm"]["shape"] == list(speed.SHAPES["token"]["quick"])
+    token = speed.SHAPES["token"]["full"]
+    crms = next(c for c in speed.LAYER_CASES if c.name == "normlab CRMSNorm")
+    assert speed.input_shape(crms, quick=False) == (*token[:-1], token[-1] - 1) == (8, 256, 767)
+    assert speed.input_shape(speed.LAYER_BASELINES["batchnorm2d"], quick=False) == (16, 64, 32, 32)
+
+
+def test_rows_are_json_serialisable_and_the_table_lists_them(rows):
+    assert json.loads(json.dumps(rows)) == rows
+    table = format_table(rows)
+    for row in rows:
+        assert row["name"] in table
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("broken forward")
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("cannot compile")
+
+
+def test_a_failing_case_becomes_an_error_row_not_a_crash():
+    cases = [LayerCase("broken", lambda c: Broken(), "token"),
+             OptimizerCase("bad optimizer", lambda params: torch.optim.SGD(params, lr=-1.0)),
+             LayerCase("normlab RMSNorm again", speed.RMSNorm, "token")]
+    rows = run_speed(quick=True, cases=cases, backend="aot_eager")
+    broken, bad_opt, fine = rows
+    assert "broken forward" in broken["error"] and broken["ratio_eager"] is None
+    assert "Invalid learning rate" in bad_opt["error"] and bad_opt["state_bytes"] is None
+    assert fine["error"] is None and fine["ratio_eager"] > 0
+    assert "ERROR" in format_table(rows)
+    json.dumps(rows)
+
+
+def test_a_compile_failure_keeps_the_eager_timing_and_reports_the_error():
+    rows = run_speed(quick=True, cases=["normlab RMSNorm", "torch SGD(momentum, foreach)"], backend=failing_backend)
+    for row in rows:
+        assert row["error"].startswith("compile (failing_backend)") and "cannot compile" in row["error"]
+        assert row["ratio_compiled"] is None and row["copy_x_compiled"] is None
+        assert row["ratio_eager"] > 0 and row["copy_x_eager"] > 0
+    json.dumps(rows)
+
+
+def test_cases_can_be_selected_by_name_and_unknown_names_raise():
+    (row,) = run_speed(quick=True, cases=["torch SGD(momentum, foreach)"], backend="aot_eager")
+    assert row["kind"] == "optimizer" and row["baseline"] == "torch AdamW(foreach)"
+    with pytest.raises(KeyError, match="unknown speed case"):
+        run_speed(quick=True, cases=["no such row"])
+
+
+def test_adamw_state_bytes_are_two_moments_per_parameter_plus_step(rows):
+    params = list(speed.mlp(quick=True).parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    step_bytes = len(params) * torch.tensor(0.0).element_size()  # AdamW keeps `step` as a float32 scalar
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["torch AdamW(foreach)"]["state_bytes"] == 2 * param_bytes + step_bytes
+    assert by_name["torch SGD(momentum, foreach)"]["state_bytes"] == param_bytes
+
+
+def test_the_full_mode_mlp_has_about_ten_million_parameters():
+    widths = speed.MLP_WIDTHS["full"]
+    count = widths[0] * widths[1] + widths[1] + widths[1] * widths[2] + widths[2]
+    assert 9e6 < count < 12e6
+
+
+def test_setup_layer_is_the_shared_setup_of_a_case():
+    case = next(c for c in speed.LAYER_CASES if c.name == "torch nn.BatchNorm2d")
+    module, x, dy = speed.setup_layer(case, quick=True)
+    assert module.training and x.requires_grad and x.shape == dy.shape == speed.SHAPES["conv"]["quick"]
+    assert module.num_features == x.shape[1]
+
+
+def test_run_speed_restores_the_thread_count():
+    before = torch.get_num_threads()
+    run_speed(quick=True, cases=["torch nn.BatchNorm2d"], backend="aot_eager")
+    assert torch.get_num_threads() == before
