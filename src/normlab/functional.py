@@ -34,6 +34,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _in_compute_dtype(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      eps: float | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
+    """Input and affine parameters in :func:`compute_dtype`; ``eps=None`` -> the input dtype's epsilon."""
+    dtype = compute_dtype(x.dtype)
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    return (x.to(dtype), None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
+            eps)
+
+
 def _affine_(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """``y * weight + bias`` in place on the freshly allocated ``y`` (no extra full-size allocation)."""
     if weight is not None:
@@ -88,13 +97,8 @@ def rms_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.T
 
     ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.functional.rms_norm``.
     """
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    dtype = compute_dtype(x.dtype)
-    xc = x.to(dtype)
-    w = None if weight is None else weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    return _RMSNormFunction.apply(xc, w, b, len(normalized_shape), float(eps)).to(x.dtype)
+    xc, w, b, eps = _in_compute_dtype(x, weight, bias, eps)
+    return _RMSNormFunction.apply(xc, w, b, len(normalized_shape), eps).to(x.dtype)
 
 
 class _CRMSNormFunction(torch.autograd.Function):
@@ -163,12 +167,7 @@ def crms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.T
     Eager mode runs a hand-written backward; under ``torch.compile`` the plain formula, whose derived
     backward inductor fuses into one kernel.
     """
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    dtype = compute_dtype(x.dtype)
-    xc = x.to(dtype)
-    w = None if weight is None else weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
+    xc, w, b, eps = _in_compute_dtype(x, weight, bias, eps)
     if torch.compiler.is_compiling():
-        return _crms_norm_formula(xc, w, b, float(eps)).to(x.dtype)
-    return _CRMSNormFunction.apply(xc, w, b, float(eps)).to(x.dtype)
+        return _crms_norm_formula(xc, w, b, eps).to(x.dtype)
+    return _CRMSNormFunction.apply(xc, w, b, eps).to(x.dtype)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from normlab.bench.experiments import layernorm as exp
+from normlab.bench.runner import judge
 
 
 def test_registered_with_the_sheet_protocol():
@@ -119,8 +120,9 @@ def test_verdict_quick_and_smoke_report_only():
 
 
 def test_verdict_errors_on_missing_arm_or_mixed_modes():
-    status, summary = exp.verdict(records({("lstm", 3e-3): [(2.8, 2.5), (2.8, 2.5)]}))
+    status, summary = judge(exp.EXPERIMENT, records({("lstm", 3e-3): [(2.8, 2.5), (2.8, 2.5)]}))
     assert status == "error" and "ln_lstm" in summary
-    assert exp.verdict([])[0] == "error"
+    assert judge(exp.EXPERIMENT, [])[0] == "error"
     mixed = records({("lstm", 3e-3): [(2.8, 2.5)]}) + records({("ln_lstm", 3e-3): [(1.9, 1.7)]}, "quick")
-    assert exp.verdict(mixed)[0] == "error"
+    with pytest.raises(ValueError, match="mix modes"):
+        exp.verdict(mixed)

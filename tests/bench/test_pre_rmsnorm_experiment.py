@@ -70,6 +70,9 @@ def test_verdict_fails_on_any_seed_over_tolerance(bad):
 def test_verdict_quick_is_indicative_and_missing_arm_is_error():
     status, summary = exp.verdict(_records(mode="quick"))
     assert status == "pass" and summary.startswith("indicative")
-    assert exp.verdict([r for r in _records() if r["arm"] != "pre_crms"])[0] == "error"
-    assert exp.verdict([])[0] == "error"
-    assert exp.verdict(_records() + [_rec("pre_rms", 5, mode="quick")])[0] == "error"
+    with pytest.raises(ValueError, match="pre_crms"):
+        exp.verdict([r for r in _records() if r["arm"] != "pre_crms"])
+    with pytest.raises(ValueError, match="no records"):
+        exp.verdict([])
+    with pytest.raises(ValueError, match="mix modes"):
+        exp.verdict(_records() + [_rec("pre_rms", 5, mode="quick")])

@@ -105,6 +105,20 @@ def records_by_arm(records: Sequence[Record], metric: str) -> dict[tuple[str, fl
     return {key: [v for _, v in sorted(vals)] for key, vals in groups.items()}
 
 
+def records_mode(records: Sequence[Record], arms: Sequence[str]) -> str:
+    """The one mode of ``records``; ``ValueError`` when there are none, modes are mixed or an arm has
+    no record (a timed-out or failed grid), which the runner reports as status ``error``."""
+    if not records:
+        raise ValueError("no records")
+    modes = {rec["mode"] for rec in records}
+    if len(modes) != 1:
+        raise ValueError(f"records mix modes {sorted(modes)}")
+    missing = [arm for arm in arms if not any(rec["arm"] == arm for rec in records)]
+    if missing:
+        raise ValueError(f"no records for arm(s) {', '.join(missing)} (timed out or failed)")
+    return modes.pop()
+
+
 def best_lr(records: Sequence[Record], arm: str, metric: str, *, lower_is_better: bool = True
             ) -> tuple[float | None, list[float]]:
     """The arm's best lr by seed mean of ``metric`` (non-finite means rank last), with its per-seed values."""

@@ -108,6 +108,11 @@ def plot_experiment(exp: Experiment, records: Sequence[Record], plots: Path) -> 
     return names
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -162,7 +167,7 @@ def build_report(out: str | Path) -> list[dict[str, Any]]:
               f"Machine: {machine()}. Commit(s): {', '.join(shas)}. Runs: {len(records)}, "
               f"{seconds:.0f} s of training/eval.", "",
               "| experiment | mode | status | summary |", "|---|---|---|---|",
-              *[f"| {v['experiment']} | {v['mode']} | {v['status']} | {v['summary']} |" for v in verdicts], ""]
+              *[f"| {v['experiment']} | {v['mode']} | {v['status']} | {_cell(v['summary'])} |" for v in verdicts], ""]
     (out / "report.md").write_text("\n".join(header + sections))
     return verdicts
 

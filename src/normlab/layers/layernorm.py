@@ -60,21 +60,18 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm: ``RMSNorm(normalized_shape, eps=None, elementwise_affine=True, bias=False,
-    device=None, dtype=None)``; with the defaults it equals ``torch.nn.RMSNorm``."""
+class _AffineNorm(nn.Module):
+    """The gain (init 1) and optional bias (init 0) over ``shape`` that RMSNorm and CRMSNorm share."""
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
-                 elementwise_affine: bool = True, bias: bool = False, device=None, dtype=None) -> None:
+    def __init__(self, shape: tuple[int, ...], eps: float | None, elementwise_affine: bool, bias: bool,
+                 device, dtype) -> None:
         super().__init__()
         check_eps(eps, allow_none=True)
-        self.normalized_shape = as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine and bias \
-            else None
+        self.weight = nn.Parameter(torch.empty(shape, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(shape, **factory)) if elementwise_affine and bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,42 +79,40 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+
+
+class RMSNorm(_AffineNorm):
+    """Root-mean-square norm: ``RMSNorm(normalized_shape, eps=None, elementwise_affine=True, bias=False,
+    device=None, dtype=None)``; with the defaults it equals ``torch.nn.RMSNorm``."""
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True, bias: bool = False, device=None, dtype=None) -> None:
+        self.normalized_shape = as_shape(normalized_shape)
+        super().__init__(self.normalized_shape, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.normalized_shape)
         return NF.rms_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"bias={self.bias is not None}")
+        return f"{self.normalized_shape}, {super().extra_repr()}"
 
 
-class CRMSNorm(nn.Module):
+class CRMSNorm(_AffineNorm):
     """Compressed RMSNorm over the last dim of width ``num_features`` = d-1:
     ``CRMSNorm(num_features, eps=None, elementwise_affine=True, bias=False, device=None, dtype=None)``."""
 
     def __init__(self, num_features: int, eps: float | None = None, elementwise_affine: bool = True,
                  bias: bool = False, device=None, dtype=None) -> None:
-        super().__init__()
-        check_eps(eps, allow_none=True)
         (self.num_features,) = as_shape(num_features)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if elementwise_affine and bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__((self.num_features,), eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, (self.num_features,))
         return NF.crms_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"bias={self.bias is not None}")
+        return f"{self.num_features}, {super().extra_repr()}"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...layers.layernorm_lstm import LayerNormLSTM
-from ..experiment import Experiment, Grid, Record, best_lr, records_by_arm, register
+from ..experiment import Experiment, Grid, Record, best_lr, records_by_arm, records_mode, register
 from ..tasks import char_batch, char_corpus
 
 VOCAB, HIDDEN, SEQ_LEN, BATCH, CLIP = 128, 128, 50, 32, 1.0
@@ -78,15 +78,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def verdict(records: list[Record]) -> tuple[str, str]:
-    if not records:
-        return "error", "no records"
-    modes = {rec["mode"] for rec in records}
-    if len(modes) != 1:
-        return "error", f"records mix modes {sorted(modes)}"
-    mode = modes.pop()
-    missing = [arm for arm in ARMS if not any(rec["arm"] == arm for rec in records)]
-    if missing:
-        return "error", f"no records for arm(s) {', '.join(missing)} (timed out or failed)"
+    mode = records_mode(records, ARMS)
     best = {}
     for arm in ARMS:
         lr, vals200 = best_lr(records, arm, "loss_200")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...convert import to_rmsnorm
-from ..experiment import Experiment, Grid, Record, register
+from ..experiment import Experiment, Grid, Record, records_mode, register
 from ..tasks import TinyTransformer
 
 ARMS = ("pre_ln", "pre_rms", "pre_crms")
@@ -131,15 +131,7 @@ def _ok(rec: Record) -> bool:
 
 
 def verdict(records: list[Record]) -> tuple[str, str]:
-    if not records:
-        return "error", "no records"
-    modes = {rec["mode"] for rec in records}
-    if len(modes) != 1:
-        return "error", f"records mix modes {sorted(modes)}"
-    mode = modes.pop()
-    missing = [arm for arm in CONVERTED if not any(rec["arm"] == arm for rec in records)]
-    if missing:
-        return "error", f"no records for arm(s) {', '.join(missing)} (timed out or failed)"
+    mode = records_mode(records, CONVERTED)
     parts, passed = [], True
     for arm in CONVERTED:
         recs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
