@@ -43,6 +43,10 @@ def _in_compute_dtype(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
             eps)
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _affine_(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """``y * weight + bias`` in place on the freshly allocated ``y`` (no extra full-size allocation)."""
     if weight is not None:
@@ -50,6 +54,15 @@ def _affine_(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     if bias is not None:
         y = y.add_(bias)
     return y
+
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, ndim: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, r)`` with ``r = (mean(x^2) + eps)^(-1/2)`` over the last ``ndim`` dims, ``y = x * r * w + b``."""
+    dims = tuple(range(x.dim() - ndim, x.dim()))
+    size = math.prod(x.shape[x.dim() - ndim:])
+    rstd = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
+    return _affine_(torch.mul(x, rstd), weight, bias), rstd
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -65,10 +78,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, ndim: int, eps: float):
-        dims = tuple(range(x.dim() - ndim, x.dim()))
-        size = math.prod(x.shape[x.dim() - ndim:])
-        rstd = torch.linalg.vector_norm(x, dim=dims, keepdim=True).square_().div_(size).add_(eps).rsqrt_()
-        y = _affine_(torch.mul(x, rstd), weight, bias)
+        y, rstd = _rms_norm_forward(x, weight, bias, ndim, eps)
         ctx.save_for_backward(x, rstd, weight)
         ctx.ndim, ctx.has_bias = ndim, bias is not None
         return y
@@ -98,7 +108,18 @@ def rms_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.T
     ``eps=None`` means ``torch.finfo(x.dtype).eps``, as ``torch.nn.functional.rms_norm``.
     """
     xc, w, b, eps = _in_compute_dtype(x, weight, bias, eps)
+    if not _needs_grad(xc, w, b):  # inference: skip the autograd.Function's per-call overhead
+        return _rms_norm_forward(xc, w, b, len(normalized_shape), eps)[0].to(x.dtype)
     return _RMSNormFunction.apply(xc, w, b, len(normalized_shape), eps).to(x.dtype)
+
+
+def _crms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, r, s)``: ``s = sum(x)``, ``r = ((sum(x^2) + s^2) / d + eps)^(-1/2)``, ``y = x * r * w + b``."""
+    d = x.shape[-1] + 1
+    s = x.sum(-1, keepdim=True)
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().addcmul_(s, s).div_(d).add_(eps).rsqrt_()
+    return _affine_(torch.mul(x, rstd), weight, bias), rstd, s
 
 
 class _CRMSNormFunction(torch.autograd.Function):
@@ -117,10 +138,7 @@ class _CRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
         x = x.contiguous()
-        d = x.shape[-1] + 1
-        s = x.sum(-1, keepdim=True)
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().addcmul_(s, s).div_(d).add_(eps).rsqrt_()
-        y = _affine_(torch.mul(x, rstd), weight, bias)
+        y, rstd, s = _crms_norm_forward(x, weight, bias, eps)
         ctx.save_for_backward(x, rstd, s, weight)
         ctx.has_bias = bias is not None
         return y
@@ -170,4 +188,6 @@ def crms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.T
     xc, w, b, eps = _in_compute_dtype(x, weight, bias, eps)
     if torch.compiler.is_compiling():
         return _crms_norm_formula(xc, w, b, eps).to(x.dtype)
+    if not _needs_grad(xc, w, b):  # inference: skip the autograd.Function's per-call overhead
+        return _crms_norm_forward(xc, w, b, eps)[0].to(x.dtype)
     return _CRMSNormFunction.apply(xc, w, b, eps).to(x.dtype)

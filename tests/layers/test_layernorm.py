@@ -229,3 +229,18 @@ def test_compiles_aot_eager_with_same_outputs_and_grads(cls, kw):
     torch.testing.assert_close(y2, y, atol=1e-6, rtol=1e-6)
     y.sum().backward(), y2.sum().backward()
     torch.testing.assert_close(x2.grad, x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls,kw", [(RMSNorm, {"bias": True}), (CRMSNorm, {"bias": True}), (RMSNorm, {})])
+def test_inference_path_equals_training_path(cls, kw):
+    """Without grad the layers skip their autograd.Function: the outputs must be the same bits."""
+    layer = randomize(cls(8, eps=1e-5, **kw))
+    x = torch.randn(5, 8) * 3 + 1
+    with_grad = layer(x)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = layer(x)
+    assert not without.requires_grad
+    assert torch.equal(without, with_grad.detach())
+    frozen = randomize(cls(8, eps=1e-5, **kw)).requires_grad_(False)
+    assert torch.equal(frozen(x), with_grad.detach())
