@@ -317,6 +317,20 @@ def test_custom_spec_converts_a_correct_model():
     assert max_diff(ref(tokens()), model(tokens())) <= 1e-9
 
 
+def test_spec_naming_a_layer_of_the_wrong_width_raises():
+    model = perturb(OffStream()).double()
+    model.up, model.down = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+    snap = snapshot(model)
+    block = BlockSpec("norm1", ("fc1",), ("fc2",))
+    with pytest.raises(ConversionError, match=rf"^up: writes {2 * D} features into a stream of width {D}"):
+        to_rmsnorm(model, spec=PreLNSpec(writers=("emb", "up"), blocks=(block,), final_norm="norm_f",
+                                         head=("head",)))
+    with pytest.raises(ConversionError, match=rf"^down: reads {2 * D} features from a stream of width {D}"):
+        to_rmsnorm(model, spec=PreLNSpec(writers=("emb",), blocks=(block,), final_norm="norm_f",
+                                         head=("head", "down")))
+    assert_untouched(model, snap)
+
+
 def test_compress_width_one_raises():
     torch.manual_seed(0)
     model = TinyTransformer(VOCAB, d_model=1, n_layers=1, n_heads=1, max_len=16).double().eval()

@@ -289,23 +289,17 @@ def _check_static(model: nn.Module, spec: PreLNSpec, compressed: bool) -> int:
             raise ConversionError(f"{name}: width {width} differs from the stream width {d} of {spec.norms[0]}")
     if len(set(spec.norms)) != len(spec.norms):
         raise ConversionError("spec: a norm is listed twice")
-    for name in spec.all_writers:
-        writer = _get(model, name)
-        try:
-            width = writer_out_features(writer)
-        except TypeError as err:
-            raise ConversionError(f"{name}: {err}") from None
-        if width != d:
-            raise ConversionError(f"{name}: writes {width} features into a stream of width {d}")
+    for names, features, verb in ((spec.all_writers, writer_out_features, "writes {} features into"),
+                                  (spec.all_readers, reader_in_features, "reads {} features from")):
+        for name in names:
+            try:
+                width = features(_get(model, name))
+            except TypeError as err:
+                raise ConversionError(f"{name}: {err}") from None
+            if width != d:
+                raise ConversionError(f"{name}: {verb.format(width)} a stream of width {d}")
     for name in spec.all_readers:
-        reader = _get(model, name)
-        try:
-            width = reader_in_features(reader)
-        except TypeError as err:
-            raise ConversionError(f"{name}: {err}") from None
-        if width != d:
-            raise ConversionError(f"{name}: reads {width} features from a stream of width {d}")
-        if compressed and isinstance(reader, nn.MultiheadAttention):
+        if compressed and isinstance(_get(model, name), nn.MultiheadAttention):
             raise ConversionError(f"{name}: compressed=True needs every reader to read a d-1 wide stream, and "
                                   "nn.MultiheadAttention cannot (its embed_dim is both the query width and the "
                                   "attention output width); use compressed=False")
