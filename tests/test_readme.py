@@ -18,3 +18,12 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make bench" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_api_tour_runs(capsys):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    (tour,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    exec(compile(tour, "README.md", "exec"), {})
+    assert "layernorm verified" in capsys.readouterr().out
