@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup bench bench-full speed test readme
+.PHONY: setup bench bench-full speed test test-slow readme
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ speed: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 readme: setup
 	$(BIN)/python scripts/update_readme.py

@@ -244,3 +244,21 @@ def test_inference_path_equals_training_path(cls, kw):
     assert torch.equal(without, with_grad.detach())
     frozen = randomize(cls(8, eps=1e-5, **kw)).requires_grad_(False)
     assert torch.equal(frozen(x), with_grad.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,kw", [(RMSNorm, {"bias": True}), (CRMSNorm, {"bias": True})])
+def test_inductor_compiled_matches_eager(cls, kw):
+    """The recommended fast mode (inductor) computes the same values and gradients as eager."""
+    torch._dynamo.reset()
+    layer = randomize(cls(64, eps=1e-5, **kw))
+    compiled = torch.compile(layer)
+    x = (torch.randn(4, 16, 64) * 3 + 1).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = layer(x), compiled(x2)
+    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, *layer.parameters()), g)
+    grads2 = torch.autograd.grad(y2, (x2, *layer.parameters()), g)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
