@@ -117,7 +117,7 @@ def cmd_report(args) -> int:
 def cmd_speed(args) -> int:
     from .bench.speed import format_table, run_speed
 
-    rows = run_speed(quick=args.quick)
+    rows = run_speed(quick=args.quick, progress=True)  # the bar goes to stderr: --json output stays clean
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
