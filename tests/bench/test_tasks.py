@@ -76,11 +76,15 @@ def test_transformer_shapes_slots_and_padding(placement):
     idx = torch.randint(0, 50, (3, 10))
     assert model(idx).shape == (3, 10, 50)
     RecordingNorm.seen.clear()
-    pad = torch.ones(3, 10, dtype=torch.bool)
-    pad[0, 7:] = False
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, :3] = True  # True = padding (left padding, so causal queries see padded keys)
     out = model(idx, pad_mask=pad, tau=torch.zeros(3))
     assert RecordingNorm.seen and all(s == (True, True) for s in RecordingNorm.seen)
     assert out.shape == (3, 10, 50)
+    other = idx.clone()  # attention ignores padded keys: changing them leaves real tokens alone
+    other[0, :3] = (other[0, :3] + 1) % 50
+    torch.testing.assert_close(model(other, pad_mask=pad)[0, 3:], model(idx, pad_mask=pad)[0, 3:])
+    assert not torch.allclose(model(other)[0, 3:], model(idx)[0, 3:])
     with pytest.raises(ValueError, match="seq_len <= 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
 

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from ..layers import CRMSNorm, LayerNorm, RMSNorm
+from ..optim import optimizer_state_bytes
 
 NUM_THREADS = 2
 
@@ -145,12 +146,6 @@ def setup_optimizer(case: OptimizerCase, quick: bool, seed: int = 0) -> tuple[to
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     return case.make_optimizer(params), params
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor held in ``optimizer.state``."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if torch.is_tensor(t))
 
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
@@ -268,7 +263,7 @@ def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "
         base_opt, _ = setup_optimizer(base_case, quick)
         opt, params = setup_optimizer(case, quick)
         opt.step()
-        row["state_bytes"] = state_bytes(opt)
+        row["state_bytes"] = optimizer_state_bytes(opt)
         fns = {"baseline": base_opt.step, "copy": lambda: [p.detach().clone() for p in params]}
         if case is not base_case:
             fns["eager"] = opt.step

@@ -128,8 +128,8 @@ class CausalSelfAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         mask = None
-        if pad_mask is not None:  # pad_mask: (B, T), True = real token
-            mask = pad_mask[:, None, None, :]
+        if pad_mask is not None:  # pad_mask: (B, T), True = padding (as in every normlab layer)
+            mask = ~pad_mask[:, None, None, :]
             if self.causal:
                 mask = mask & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
@@ -172,7 +172,8 @@ class TinyTransformer(nn.Module):
     """A small GPT-style language model (or sequence classifier) with swappable norms.
 
     ``norm_layer(d_model)`` builds every norm slot (default ``nn.LayerNorm``); slots receive
-    ``pad_mask`` (B, T; True = real token) and ``tau`` (a diffusion time, say) when given to
+    ``pad_mask`` (B, T; True = padding, as in the norm layers and
+    ``nn.MultiheadAttention``'s ``key_padding_mask``) and ``tau`` (a diffusion time, say) when given to
     ``forward``. ``placement="pre"`` adds a final norm before the head; ``"post"`` normalises after each
     residual add. ``tied_head=True`` shares the head with the token embedding.
     """
