@@ -1,5 +1,6 @@
 """create_norm / create_optimizer: names, classes, partials and the errors."""
 
+import inspect
 from functools import partial
 
 import pytest
@@ -18,15 +19,25 @@ def test_create_norm_by_name_class_and_partial():
     assert made.eps == 1e-3 and made.normalized_shape == (16,)
 
 
-def test_every_catalog_layer_object_is_a_factory_key():
-    layers = {o.lower() for e in normlab.list_methods() if "layer" in e.kinds for o in e.objects
-              if isinstance(getattr(normlab, o, None), type) and issubclass(getattr(normlab, o), nn.Module)
-              and "lstm" not in o.lower()}
-    assert layers <= set(normlab.norm_names())
+def _catalog_classes(kind: str, base: type) -> list[type]:
+    objects = (getattr(normlab, o, None) for e in normlab.list_methods() if kind in e.kinds for o in e.objects)
+    return [obj for obj in objects if isinstance(obj, type) and issubclass(obj, base)]
+
+
+def test_every_catalog_norm_and_optimizer_is_a_factory_key():
+    """Norms are the layer classes built from a channel count (not LSTM cells or the TD-LN parameter)."""
+    norms = {cls.__name__.lower() for cls in _catalog_classes("layer", nn.Module)
+             if next(iter(inspect.signature(cls).parameters)) in ("num_features", "normalized_shape")}
+    assert {"powernorm", "unifiednorm", "tdlayernorm", "tdrmsnorm", "adalayernorm"} <= norms
+    assert norms <= set(normlab.norm_names())
+    optimizers = {cls.__name__.lower() for cls in _catalog_classes("optimizer", torch.optim.Optimizer)}
+    assert {"adamp", "sgdp", "diffgrad", "swan", "sinkgd", "gradregnewton", "gradnormalizedgd"} <= optimizers
+    assert optimizers <= set(normlab.optimizer_names())
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(KeyError, match="unknown norm 'batchnorm9'; valid: crmsnorm, layernorm, rmsnorm"):
+    with pytest.raises(KeyError, match="unknown norm 'batchnorm9'; valid: adalayernorm, crmsnorm, layernorm, "
+                       "powernorm, rmsnorm, tdlayernorm, tdrmsnorm, unifiednorm"):
         normlab.create_norm("batchnorm9", 8)
     with pytest.raises(KeyError, match="unknown optimizer 'lion'; valid: .*adamw"):
         normlab.create_optimizer("lion", [torch.zeros(1, requires_grad=True)])

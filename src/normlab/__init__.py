@@ -1,18 +1,27 @@
 """normlab: normalization techniques from 30 papers for PyTorch, each with evidence of what it does.
 
-Public API: the layers (``normlab.LayerNorm``, ``normlab.RMSNorm``, ...), the factories
-:func:`create_norm` and :func:`create_optimizer`, and the catalog (:func:`list_methods`).
+Public API: the layers (``normlab.LayerNorm``, ``normlab.PowerNorm``, ...), the optimizers
+(``normlab.AdamP``, ``normlab.SWAN``, ...), attention (``normlab.NormAwareLinearAttention``), the
+conversions (``normlab.convert``), the factories :func:`create_norm` and :func:`create_optimizer`, and
+the catalog (:func:`list_methods`).
 """
 
-from . import convert, functional
+from . import attention, convert, distributed, functional, optim
+from .attention import NormAwareLinearAttention, linear_attention, nala_attention, nala_feature_maps
 from .catalog import MethodEntry, get_method, list_methods
 from .factory import create_norm, create_optimizer, norm_names, optimizer_names
-from .layers import CRMSNorm, LayerNorm, LayerNormLSTM, LayerNormLSTMCell, RMSNorm
+from .layers import (AdaLayerNorm, CRMSNorm, LayerNorm, LayerNormLSTM, LayerNormLSTMCell, PowerNorm, RMSNorm,
+                     TDLayerNorm, TDRMSNorm, TimeDependentParameter, UnifiedNorm)
+from .optim import (SGDP, SWAN, AdamP, DiffGrad, GradNormalizedGD, GradRegNewton, LogisticGDClassifier, SinkGD,
+                    fit_separator)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CRMSNorm", "LayerNorm", "LayerNormLSTM", "LayerNormLSTMCell", "MethodEntry", "RMSNorm", "convert",
-    "create_norm", "create_optimizer", "functional", "get_method", "list_methods", "norm_names",
-    "optimizer_names",
+    "SGDP", "SWAN", "AdaLayerNorm", "AdamP", "CRMSNorm", "DiffGrad", "GradNormalizedGD", "GradRegNewton",
+    "LayerNorm", "LayerNormLSTM", "LayerNormLSTMCell", "LogisticGDClassifier", "MethodEntry",
+    "NormAwareLinearAttention", "PowerNorm", "RMSNorm", "SinkGD", "TDLayerNorm", "TDRMSNorm",
+    "TimeDependentParameter", "UnifiedNorm", "attention", "convert", "create_norm", "create_optimizer",
+    "distributed", "fit_separator", "functional", "get_method", "linear_attention", "list_methods",
+    "nala_attention", "nala_feature_maps", "norm_names", "optim", "optimizer_names",
 ]

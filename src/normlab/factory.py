@@ -1,6 +1,7 @@
 """String factories: ``create_norm("rmsnorm", 768)``, ``create_optimizer("adamw", params, lr=1e-3)``.
 
-Names are the lower-case public class names. Each factory also accepts a class or a
+Names are the lower-case public class names (``create_norm("adalayernorm", 64, cond_dim=128)`` passes
+keyword arguments through). Each factory also accepts a class or a
 ``functools.partial`` (called with the same arguments), as timm's ``create_norm_layer`` does.
 Optimizer names include torch's own (``sgd``, ``adam``, ``adamw``) as the baselines of the claim checks.
 """
@@ -14,19 +15,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers
+from . import layers, optim
 
 # Norms built as ``cls(num_features, **kw)``; recurrent cells are layers of the catalog, not norm slots.
 _NORMS: dict[str, type[nn.Module]] = {
     "layernorm": layers.LayerNorm,
     "rmsnorm": layers.RMSNorm,
     "crmsnorm": layers.CRMSNorm,
+    "powernorm": layers.PowerNorm,
+    "unifiednorm": layers.UnifiedNorm,
+    "tdlayernorm": layers.TDLayerNorm,
+    "tdrmsnorm": layers.TDRMSNorm,
+    "adalayernorm": layers.AdaLayerNorm,
 }
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
+    "adamp": optim.AdamP,
+    "sgdp": optim.SGDP,
+    "diffgrad": optim.DiffGrad,
+    "swan": optim.SWAN,
+    "sinkgd": optim.SinkGD,
+    "gradregnewton": optim.GradRegNewton,
+    "gradnormalizedgd": optim.GradNormalizedGD,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from normlab.bench import speed
-from normlab.bench.speed import LayerCase, OptimizerCase, format_table, run_speed
+from normlab.bench.speed import AttentionCase, LayerCase, OptimizerCase, format_table, run_speed
 
 LAYER_KEYS = {"kind", "name", "baseline", "shape", "dtype", "threads", "note", "baseline_ms", "eager_ms",
               "compiled_ms", "copy_ms", "ratio_eager", "ratio_compiled", "copy_x_eager", "copy_x_compiled",
@@ -131,6 +131,39 @@ def test_setup_layer_is_the_shared_setup_of_a_case():
     module, x, dy = speed.setup_layer(case, quick=True)
     assert module.training and x.requires_grad and x.shape == dy.shape == speed.SHAPES["conv"]["quick"]
     assert module.num_features == x.shape[1]
+
+
+def test_attention_rows_time_nala_against_sdpa_at_the_issue_lengths(rows):
+    cases = {case.name: case for case in speed.ATTENTION_CASES}
+    assert {cases[f"normlab nala_attention N={n}"].seq_len for n in (512, 2048, 8192)} == {512, 2048, 8192}
+    by_name = {r["name"]: r for r in rows}
+    for name, case in cases.items():
+        row = by_name[name]
+        assert row["kind"] == "attention" and row["error"] is None
+        assert row["baseline"] == ("torch SDPA is_causal" if case.causal else "torch SDPA")
+        assert row["shape"] == [*speed.ATTENTION_DIMS["quick"][:2], speed.ATTENTION_QUICK_LEN,
+                                speed.ATTENTION_DIMS["quick"][2]]
+        assert speed.attention_shape(case, quick=False) == (1, 4, case.seq_len, 32)
+    assert cases["normlab nala_attention causal N=2048"].causal
+    assert "1x2x16x8" in format_table(rows)
+
+
+def test_setup_attention_is_the_shared_setup_of_a_case():
+    case = speed.ATTENTION_CASES[0]
+    (q, k, v), dy = speed.setup_attention(case, quick=True)
+    assert all(t.requires_grad and t.shape == dy.shape == (1, 2, 16, 8) for t in (q, k, v))
+    assert not torch.equal(q, k)
+    grads = torch.autograd.grad(case.fn(q, k, v), (q, k, v), dy)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_failing_attention_case_becomes_an_error_row():
+    def broken(q, k, v, causal=False):
+        raise RuntimeError("broken attention")
+
+    (row,) = run_speed(quick=True, cases=[AttentionCase("broken attention", broken, 64)], backend="aot_eager")
+    assert row["kind"] == "attention" and "broken attention" in row["error"] and row["ratio_eager"] is None
+    assert "ERROR" in format_table([row])
 
 
 def test_run_speed_restores_the_thread_count():

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 MODES = ("full", "quick", "smoke")
 STATUSES = ("pass", "fail", "report", "error", "timeout")
@@ -41,7 +44,10 @@ class Grid:
 @dataclass(frozen=True)
 class Experiment:
     """One claim check. ``id`` is ``<slug>`` or ``<slug>.<check>``; ``metric`` describes the outcome
-    measure in words, ``primary_metric`` is its key in the records' metrics (plotted per arm)."""
+    measure in words, ``primary_metric`` is its key in the records' metrics (plotted per arm).
+    ``threads`` is the intra-op thread count the runner gives each run: one by default, because the
+    sheets calibrated their checks as single-thread runs of small models, and on two shared cores a
+    second thread mostly adds contention (runs were up to 10x slower under load)."""
 
     id: str
     claim: str
@@ -53,6 +59,7 @@ class Experiment:
     run: Callable[[str, float | None, int, str], RunResult]
     verdict: Callable[[list[Record]], tuple[str, str]]
     shared_key: Callable[[str, float | None, int, str], str | None] = field(default=lambda *a: None)
+    threads: int = 1
 
     @property
     def slug(self) -> str:
@@ -61,6 +68,17 @@ class Experiment:
     def __post_init__(self) -> None:
         if set(self.grids) != set(MODES):
             raise ValueError(f"{self.id}: grids must cover the modes {MODES}, got {sorted(self.grids)}")
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block and restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _REGISTRY: dict[str, Experiment] = {}

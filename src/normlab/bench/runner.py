@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .experiment import MODES, Experiment, Record
+from .experiment import MODES, Experiment, Record, intra_op_threads
 
 RECORDS = "records.jsonl"
 VERDICTS = "verdicts.json"
@@ -168,7 +168,8 @@ def run_experiments(experiments: Sequence[Experiment], mode: str, out: str | os.
                 else:
                     torch.manual_seed(seed)
                     try:
-                        result = exp.run(arm, lr, seed, mode)
+                        with intra_op_threads(exp.threads):
+                            result = exp.run(arm, lr, seed, mode)
                     except Exception:
                         status_override, error = "error", traceback.format_exc(limit=3).strip().splitlines()[-1]
                         bar.update(len(points) - points.index((arm, lr, seed)))

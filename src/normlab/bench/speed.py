@@ -1,4 +1,4 @@
-"""``normlab speed``: interleaved speed micro-benchmarks against torch's own layers and optimizers.
+"""``normlab speed``: interleaved speed micro-benchmarks against torch's own layers, attention and optimizers.
 
 Every row times one job against the torch baseline of the same job, measured in the same rounds:
 each round times the baseline, the candidate eager, the candidate under ``torch.compile`` and a copy
@@ -17,12 +17,16 @@ against ``torch.nn.BatchNorm2d``. The baseline is always torch's eager layer; th
 compiles the candidate once (inductor), warms it up, then times it. Optimizer rows time
 ``optimizer.step()`` on a ~10M-parameter MLP (fixed random gradients) against
 ``torch.optim.AdamW(foreach=True)``; their copy is a ``clone()`` of every parameter and their compiled
-column compiles ``step``. A case whose setup, eager run, compile or timing fails becomes a row with
-``error`` set; the other rows still run.
+column compiles ``step``. Attention rows time forward + backward (``torch.autograd.grad`` with respect to
+q, k and v) of an attention function on ``(B, heads, N, d) = (1, 4, N, 32)`` float32 inputs at
+N = 512, 2048 and 8192 against ``torch.nn.functional.scaled_dot_product_attention`` at the same shape
+(causal rows against its ``is_causal=True``); their copy is a ``clone()`` of q. A case whose setup, eager
+run, compile or timing fails becomes a row with ``error`` set; the other rows still run.
 
-Adding a row is one line in ``LAYER_CASES`` or ``OPTIMIZER_CASES``; :func:`setup_layer` and
-:func:`setup_optimizer` are the one setup function per case that speed and memory runs share
-(Liger-Kernel's benchmark layout). Timings never decide anything else in normlab: they are reported.
+Adding a row is one line in ``LAYER_CASES``, ``ATTENTION_CASES`` or ``OPTIMIZER_CASES``;
+:func:`setup_layer`, :func:`setup_attention` and :func:`setup_optimizer` are the one setup function per
+case that speed and memory runs share (Liger-Kernel's benchmark layout). Timings never decide anything
+else in normlab: they are reported.
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from ..layers import CRMSNorm, LayerNorm, RMSNorm
-from ..optim import optimizer_state_bytes
+from ..attention import linear_attention, nala_attention
+from ..layers import CRMSNorm, LayerNorm, PowerNorm, RMSNorm, TDLayerNorm, TDRMSNorm, UnifiedNorm
+from ..optim import SGDP, SWAN, AdamP, DiffGrad, SinkGD, optimizer_state_bytes
+from .experiment import intra_op_threads
 
 NUM_THREADS = 2
 
@@ -49,6 +57,10 @@ SHAPES = {
     "conv": {"full": (16, 64, 32, 32), "quick": (2, 4, 8, 8)},
 }
 FEATURE_DIM = {"token": -1, "conv": 1}
+#: attention rows: (batch, heads, head dim) by mode; the sequence length is the case's (full) or
+#: ``ATTENTION_QUICK_LEN`` (quick).
+ATTENTION_DIMS = {"full": (1, 4, 32), "quick": (1, 2, 8)}
+ATTENTION_QUICK_LEN = 16
 #: the ~10M-parameter MLP of the optimizer rows: Linear(1280, 4096) -> GELU -> Linear(4096, 1280).
 MLP_WIDTHS = {"full": (1280, 4096, 1280), "quick": (16, 32, 16)}
 #: (rounds, seconds per measurement) by mode.
@@ -59,13 +71,15 @@ BUDGET = {"full": (7, 0.2), "quick": (2, 0.005)}
 class LayerCase:
     """A layer row: ``make_module(num_features)`` built on the ``shape`` input ("token" or "conv"),
     timed fwd+bwd against the eager layer of ``baseline`` (a key of ``LAYER_BASELINES``).
-    ``width_offset`` changes the feature dim of the input (CRMSNorm takes the compressed width d-1)."""
+    ``width_offset`` changes the feature dim of the input (CRMSNorm takes the compressed width d-1);
+    ``train=False`` times the module in ``eval()`` mode (batch-statistics layers use running statistics)."""
 
     name: str
     make_module: Callable[[int], nn.Module]
     shape: str
     baseline: str = "layernorm"
     width_offset: int = 0
+    train: bool = True
     note: str = ""
 
 
@@ -77,6 +91,47 @@ class OptimizerCase:
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
     baseline: str = "adamw"
     note: str = ""
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """An attention row: ``fn(q, k, v, causal=causal)`` at sequence length ``seq_len`` (full mode), timed
+    fwd+bwd against ``torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)``."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    seq_len: int
+    causal: bool = False
+    note: str = ""
+
+
+class _TimeConditioned(nn.Module):
+    """A time-conditioned norm (``forward(x, tau)``) fed one tau per sample, ``linspace(-1, 1, B)``."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, tau=torch.linspace(-1, 1, x.shape[0], device=x.device))
+
+
+def _matrix_groups(params: list[nn.Parameter], flag: str) -> list[dict]:
+    """The MLP's two weights on the matrix update, its biases on the built-in Adam fallback."""
+    return [{"params": [p for p in params if p.dim() == 2]},
+            {"params": [p for p in params if p.dim() != 2], flag: False}]
+
+
+def _peer(package: str, name: str, **kwargs) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """A peer package's optimizer (imported when the row runs: the packages are dev extras)."""
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        module = __import__(package, fromlist=[name])
+        return getattr(module, name)(params, **kwargs)
+    return make
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 LAYER_BASELINES = {
@@ -96,19 +151,55 @@ LAYER_CASES: list[LayerCase] = [
     LayerCase("normlab CRMSNorm", CRMSNorm, "token", width_offset=-1,
               note="input width d-1 (767 at full size): the compressed d-vector, d = LayerNorm's width"),
     LayerCase("torch nn.RMSNorm", nn.RMSNorm, "token", note="shown beside"),
+    LayerCase("normlab PowerNorm", PowerNorm, "token", note="defaults (group_num=1), train mode in warm-up"),
+    LayerCase("normlab PowerNorm(group_num=None)", partial(PowerNorm, group_num=None), "token"),
+    LayerCase("normlab PowerNorm eval", PowerNorm, "token", train=False, note="running statistic"),
+    LayerCase("normlab UnifiedNorm", UnifiedNorm, "token",
+              note="train mode; its step runs eagerly under torch.compile (graph break)"),
+    LayerCase("normlab UnifiedNorm eval", UnifiedNorm, "token", train=False, note="running statistic"),
+    LayerCase("normlab TDLayerNorm", lambda c: _TimeConditioned(TDLayerNorm(c)), "token", note="one tau per sample"),
+    LayerCase("normlab TDRMSNorm", lambda c: _TimeConditioned(TDRMSNorm(c)), "token", note="one tau per sample"),
     LAYER_BASELINES["batchnorm2d"],
+]
+
+ATTENTION_CASES: list[AttentionCase] = [
+    *(AttentionCase(f"normlab nala_attention N={n}", nala_attention, n) for n in (512, 2048, 8192)),
+    AttentionCase("normlab nala_attention causal N=2048", nala_attention, 2048, causal=True,
+                  note="vs SDPA is_causal=True; chunk-wise prefix sums"),
+    AttentionCase("normlab linear_attention elu+1 N=2048", linear_attention, 2048, note="shown beside"),
 ]
 
 OPTIMIZER_CASES: list[OptimizerCase] = [
     OPTIMIZER_BASELINES["adamw"],
     OptimizerCase("torch SGD(momentum, foreach)",
                   lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)),
+    OptimizerCase("normlab AdamP", lambda params: AdamP(params, lr=1e-3, weight_decay=0.01),
+                  note="per-tensor path (torch's CPU default)"),
+    OptimizerCase("normlab AdamP(foreach)", lambda params: AdamP(params, lr=1e-3, weight_decay=0.01, foreach=True)),
+    OptimizerCase("adamp AdamP (official)", _peer("adamp", "AdamP", lr=1e-3, weight_decay=0.01), note="peer"),
+    OptimizerCase("pytorch-optimizer AdamP", _peer("pytorch_optimizer", "AdamP", lr=1e-3, weight_decay=0.01),
+                  note="peer"),
+    OptimizerCase("normlab SGDP", lambda params: SGDP(params, lr=1e-2, momentum=0.9, weight_decay=1e-4)),
+    OptimizerCase("normlab DiffGrad", lambda params: DiffGrad(params, lr=1e-3, weight_decay=0.01,
+                                                              decoupled_weight_decay=True),
+                  note="decoupled wd like the AdamW baseline; per-tensor loop (torch's CPU default)"),
+    OptimizerCase("normlab DiffGrad(foreach)", lambda params: DiffGrad(params, lr=1e-3, weight_decay=0.01,
+                                                                       decoupled_weight_decay=True, foreach=True)),
+    OptimizerCase("pytorch-optimizer DiffGrad", _peer("pytorch_optimizer", "DiffGrad", lr=1e-3, weight_decay=0.01),
+                  note="peer (decoupled wd by default)"),
+    OptimizerCase("normlab SWAN", lambda params: SWAN(_matrix_groups(params, "use_swan"), lr=1e-3),
+                  note="both weights whitened (Newton-Schulz k=10); biases on Adam"),
+    OptimizerCase("normlab SinkGD", lambda params: SinkGD(_matrix_groups(params, "use_sinkgd"), lr=1e-3),
+                  note="both weights SR-Sinkhorn L=5; biases on Adam"),
 ]
 
 
-def all_cases() -> list[LayerCase | OptimizerCase]:
-    """The registered rows, layers first."""
-    return [*LAYER_CASES, *OPTIMIZER_CASES]
+Case = LayerCase | AttentionCase | OptimizerCase
+
+
+def all_cases() -> list[Case]:
+    """The registered rows: layers, attention, optimizers."""
+    return [*LAYER_CASES, *ATTENTION_CASES, *OPTIMIZER_CASES]
 
 
 def _mode(quick: bool) -> str:
@@ -123,13 +214,28 @@ def input_shape(case: LayerCase, quick: bool) -> tuple[int, ...]:
 
 
 def setup_layer(case: LayerCase, quick: bool, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """``(module, x, dy)``: the module in train mode, an input that requires grad and a cotangent."""
+    """``(module, x, dy)``: the module in the case's mode, an input that requires grad and a cotangent."""
     shape = input_shape(case, quick)
     gen = torch.Generator().manual_seed(seed)
-    module = case.make_module(shape[FEATURE_DIM[case.shape]]).train()
+    module = case.make_module(shape[FEATURE_DIM[case.shape]]).train(case.train)
     x = torch.randn(shape, generator=gen).requires_grad_(True)
     dy = torch.randn(shape, generator=gen)
     return module, x, dy
+
+
+def attention_shape(case: AttentionCase, quick: bool) -> tuple[int, int, int, int]:
+    """``(batch, heads, N, head_dim)`` of an attention case in this mode."""
+    batch, heads, dim = ATTENTION_DIMS[_mode(quick)]
+    return batch, heads, ATTENTION_QUICK_LEN if quick else case.seq_len, dim
+
+
+def setup_attention(case: AttentionCase, quick: bool, seed: int = 0
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``((q, k, v), dy)``: inputs that require grad and a cotangent of the output's shape."""
+    shape = attention_shape(case, quick)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = tuple(torch.randn(shape, generator=gen).requires_grad_(True) for _ in range(3))
+    return qkv, torch.randn(shape, generator=gen)
 
 
 def mlp(quick: bool, seed: int = 0) -> nn.Sequential:
@@ -151,6 +257,11 @@ def setup_optimizer(case: OptimizerCase, quick: bool, seed: int = 0) -> tuple[to
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
     inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
     return lambda: torch.autograd.grad(module(x), inputs, dy)
+
+
+def _attention_fwd_bwd(fn: Callable[..., torch.Tensor], qkv: tuple[torch.Tensor, ...], dy: torch.Tensor,
+                       causal: bool) -> Callable[[], object]:
+    return lambda: torch.autograd.grad(fn(*qkv, causal=causal), qkv, dy)
 
 
 def _timer(fn: Callable[[], object]) -> Timer:
@@ -194,10 +305,10 @@ def _row(kind: str, name: str, baseline: str, shape, note: str) -> dict:
     return {"kind": kind, "name": name, "baseline": baseline, "shape": list(shape), "dtype": "float32",
             "threads": NUM_THREADS, "note": note, "baseline_ms": None, "eager_ms": None, "compiled_ms": None,
             "copy_ms": None, "ratio_eager": None, "ratio_compiled": None, "copy_x_eager": None,
-            "copy_x_compiled": None, "state_bytes": None, "rounds": 0, "load_avg": _load_avg(), "error": None}
+            "copy_x_compiled": None, "state_bytes": None, "rounds": 0, "load_avg": load_avg(), "error": None}
 
 
-def _load_avg() -> float | None:
+def load_avg() -> float | None:
     """The 1-minute load average when the row started (None where the OS has none): timings at
     ``NUM_THREADS`` threads mean little once other processes keep the cores busy."""
     try:
@@ -252,6 +363,28 @@ def time_layer(case: LayerCase, quick: bool, backend: str | Callable = "inductor
     return row
 
 
+def time_attention(case: AttentionCase, quick: bool, backend: str | Callable = "inductor") -> dict:
+    """One attention row: fwd+bwd of ``case.fn`` eager and compiled against SDPA eager, same shape."""
+    baseline = "torch SDPA" + (" is_causal" if case.causal else "")
+    row = _row("attention", case.name, baseline, attention_shape(case, quick), case.note)
+    rounds, min_run_time = BUDGET[_mode(quick)]
+    try:
+        qkv, dy = setup_attention(case, quick)
+        fns = {"baseline": _attention_fwd_bwd(_sdpa, qkv, dy, case.causal), "copy": lambda: qkv[0].detach().clone(),
+               "eager": _attention_fwd_bwd(case.fn, qkv, dy, case.causal)}
+        fns["eager"]()
+    except Exception as exc:  # noqa: BLE001 -- a broken case is reported as an error row
+        row["error"] = _error(exc)
+        return row
+    try:
+        fns["compiled"] = _compile(lambda: _attention_fwd_bwd(torch.compile(case.fn, backend=backend), qkv, dy,
+                                                              case.causal))
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"compile ({_name(backend)}): {_error(exc)}"
+    _time_row(row, fns, False, rounds, min_run_time)
+    return row
+
+
 def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "inductor") -> dict:
     """One optimizer row: ``step()`` of ``case`` against AdamW(foreach=True), with its state bytes.
     The compiled column compiles ``step`` (torch.optim supports this)."""
@@ -279,7 +412,7 @@ def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "
     return row
 
 
-def run_speed(quick: bool, cases: Sequence[LayerCase | OptimizerCase | str] | None = None, *,
+def run_speed(quick: bool, cases: Sequence[Case | str] | None = None, *,
               backend: str | Callable = "inductor", progress: bool = False) -> list[dict]:
     """Time ``cases`` (default: every registered row; a string selects rows by name) and return one
     JSON-serialisable dict per row. ``quick`` uses tiny shapes and few rounds (for tests);
@@ -294,20 +427,17 @@ def run_speed(quick: bool, cases: Sequence[LayerCase | OptimizerCase | str] | No
             if isinstance(case, str) and case not in by_name:
                 raise KeyError(f"unknown speed case {case!r}; valid: {sorted(by_name)}")
             selected.append(by_name[case] if isinstance(case, str) else case)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)  # inductor bakes the thread count in at compile time
-    try:
+    with intra_op_threads(NUM_THREADS):  # inductor bakes the thread count in at compile time
         iterator = selected
         if progress:
             from tqdm import tqdm
             iterator = tqdm(selected, desc="normlab speed", unit="row")
         rows = []
         for case in iterator:
-            timer = time_layer if isinstance(case, LayerCase) else time_optimizer
+            timer = (time_layer if isinstance(case, LayerCase) else
+                     time_attention if isinstance(case, AttentionCase) else time_optimizer)
             rows.append(timer(case, quick, backend))
         return rows
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -321,7 +451,7 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         state = None if r["state_bytes"] is None else r["state_bytes"] / 2**20
-        shape = "x".join(map(str, r["shape"])) if r["kind"] == "layer" else f"{r['shape'][0] / 1e6:.1f}M params"
+        shape = "x".join(map(str, r["shape"])) if r["kind"] != "optimizer" else f"{r['shape'][0] / 1e6:.1f}M params"
         lines.append((r["name"], shape, r["baseline"], _fmt(r["ratio_eager"], ".2f") + "x",
                       _fmt(r["ratio_compiled"], ".2f") + "x", _fmt(r["copy_x_eager"], ".1f"),
                       _fmt(r["copy_x_compiled"], ".1f"), _fmt(r["eager_ms"], ".3f"), _fmt(r["baseline_ms"], ".3f"),

@@ -168,6 +168,14 @@ class Block(nn.Module):
         return _call_norm(self.norm2, x + self.mlp(x), pad_mask, tau)
 
 
+@torch.fx.wrap
+def _check_token_ids(idx: torch.Tensor, max_len: int) -> None:
+    """``ValueError`` unless ``idx`` is ``(batch, seq_len <= max_len)``; one opaque call under ``torch.fx``
+    tracing (so that conversions can trace the model), still checked when the traced graph runs."""
+    if idx.dim() != 2 or idx.shape[1] > max_len:
+        raise ValueError(f"expected token ids of shape (batch, seq_len <= {max_len}), got {tuple(idx.shape)}")
+
+
 class TinyTransformer(nn.Module):
     """A small GPT-style language model (or sequence classifier) with swappable norms.
 
@@ -210,12 +218,123 @@ class TinyTransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None, tau: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if idx.dim() != 2 or idx.shape[1] > self.max_len:
-            raise ValueError(f"expected token ids of shape (batch, seq_len <= {self.max_len}), got "
-                             f"{tuple(idx.shape)}")
+        _check_token_ids(idx, self.max_len)
         x = self.tok_emb(idx) + self.pos_emb[: idx.shape[1]]
         for block in self.blocks:
             x = block(x, pad_mask, tau)
         if self.norm_f is not None:
             x = _call_norm(self.norm_f, x, pad_mask, tau)
         return self.head(x)
+
+
+# 2-D diffusion (td_layernorm.md; shared with the adaptive-guidance check): swiss-roll data and a DDPM schedule.
+
+def swiss_roll(n: int, noise: float = 0.3, seed: int = 0) -> torch.Tensor:
+    """scikit-learn's ``make_swiss_roll(n, noise, random_state=seed)`` as 2-D points ``(n, 2)``, float32:
+    its (x, z) coordinates divided by 5 (about [-2, 2.6] x [-2.3, 3])."""
+    from sklearn.datasets import make_swiss_roll
+
+    points, _ = make_swiss_roll(n, noise=noise, random_state=seed)
+    return torch.tensor(points[:, [0, 2]] / 5.0, dtype=torch.float32)
+
+
+class DDPMSchedule:
+    """The discrete DDPM forward process (Ho, Jain, Abbeel 2020) over steps ``n = 1..num_steps``.
+
+    ``betas[n-1]`` rises linearly from ``beta_start`` to ``beta_end``, ``alphas = 1 - betas``,
+    ``alphas_cumprod[n-1] = prod_{k <= n} alphas[k-1]`` (float64 tensors; index with ``n - 1``).
+    ``q_sample(x0, n, noise) = sqrt(alphas_cumprod[n-1]) x0 + sqrt(1 - alphas_cumprod[n-1]) noise`` and
+    ``time_input(n) = 2 n / num_steps - 1`` (the time input of DiMR's TD-LN, in (-1, 1]).
+    """
+
+    def __init__(self, num_steps: int = 200, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        if not 0 < beta_start <= beta_end < 1:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start!r}, "
+                             f"beta_end={beta_end!r}")
+        self.num_steps = num_steps
+        self.betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        self.alphas = 1 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+
+    def sample_steps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``batch`` steps drawn uniformly from 1..num_steps (int64)."""
+        return torch.randint(1, self.num_steps + 1, (batch,), generator=generator)
+
+    def time_input(self, n: torch.Tensor) -> torch.Tensor:
+        """``tau = 2 n / num_steps - 1`` (float32), see ``normlab.layers.td_layernorm.tdln_time_from_step``."""
+        from ..layers.td_layernorm import tdln_time_from_step
+
+        return tdln_time_from_step(n, self.num_steps)
+
+    def q_sample(self, x0: torch.Tensor, n: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``x_n`` for clean ``x0`` of shape ``(B, ...)``, steps ``n`` (B,) in 1..num_steps and ``noise``."""
+        if n.shape != x0.shape[:1] or noise.shape != x0.shape:
+            raise ValueError(f"expected n of shape {tuple(x0.shape[:1])} and noise of shape {tuple(x0.shape)}, "
+                             f"got n {tuple(n.shape)} and noise {tuple(noise.shape)}")
+        if n.numel() and (n.min() < 1 or n.max() > self.num_steps):
+            raise ValueError(f"steps must lie in 1..{self.num_steps}, got {n.min().item()}..{n.max().item()}")
+        abar = self.alphas_cumprod.to(x0.device)[n - 1].reshape(-1, *(1,) * (x0.dim() - 1))
+        return abar.sqrt().to(x0.dtype) * x0 + (1 - abar).sqrt().to(x0.dtype) * noise
+
+
+# Character-level GPT of the SWAN and SinkGD claim checks (swan.md, gmn_sinkgd.md): separate q, k, v, o.
+
+class QKVOAttention(nn.Module):
+    """Causal multi-head self-attention with separate bias-free ``q``, ``k``, ``v`` readers and ``o`` writer
+    (each a d x d matrix of its own, as matrix-wise optimizers see the LLaMA attention)."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.n_heads = n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+
+
+class GPTBlock(nn.Module):
+    """Pre-LN block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` with a bias-free GELU MLP (4 d wide)."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = QKVOAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, 4 * d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT-style causal LM: token and learned position embeddings, Pre-LN :class:`GPTBlock` s, a final
+    LayerNorm and an untied bias-free head registered last. Every Linear is bias-free; every LayerNorm has
+    gain and bias. PyTorch's default initialisation: it reproduces the sheets' calibration, while nanoGPT's
+    N(0, 0.02) leaves AdamW at lr 1e-2 near the unigram loss for 100 steps. The defaults are the SWAN/SinkGD
+    claim-check model: 468,224 parameters."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 128, n_layers: int = 2, n_heads: int = 4,
+                 context: int = 64) -> None:
+        super().__init__()
+        self.context = context
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(GPTBlock(d_model, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2 or idx.shape[1] > self.context:
+            raise ValueError(f"expected token ids of shape (batch, seq_len <= {self.context}), got "
+                             f"{tuple(idx.shape)}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))

@@ -18,17 +18,41 @@ Folding a norm's gain ``g`` and bias ``b`` into a reader ``y = W z + c`` (Jiang 
 ``nn.MultiheadAttention`` reader is taken to read the norm output as query, key and value
 (self-attention), so all its in-projections are folded. Hugging Face's ``Conv1D`` is recognised by
 its class name and its ``(nx, nf)`` weight, so ``transformers`` is never imported.
+
+:func:`fuse_norms` removes, in place, the normalization ops of an inference model whose norms are
+fixed per-channel affine maps in eval mode: every module with an ``inference_affine() -> (scale, shift)``
+method (normlab's :class:`~normlab.UnifiedNorm` and :class:`~normlab.PowerNorm`; Yang et al. 2022,
+arXiv:2208.01313, fold UN into the adjacent linear layer this way). It finds the layers that read each
+norm from the model's dataflow (``torch.fx`` symbolic tracing of ``model(x)`` with every other argument at
+its default, norms and ``nn.Linear`` kept as leaves). A norm whose output is read only by ``nn.Linear``
+calls, each taking exactly that tensor, each Linear called only there and holding parameters no other
+module shares, is folded into them (``W' = W * scale[None, :]``, ``c' = c + W shift``) and replaced by
+:class:`FoldedNorm` (the identity); reads of the output's metadata (``.shape``, ``.size()``, ``.dim()``,
+``.dtype``, ``.device``) do not count, since folding changes none of them. Every other norm (a post-norm
+output that also feeds the residual, a final norm feeding a pooling, a norm the traced call never
+reaches) becomes :class:`ChannelAffine`, the same map with no statistics. Both replacements take the
+``pad_mask`` / ``tau`` keywords a norm slot may be called with, so the model keeps its forward.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.fx as fx
 from torch import nn
 
+from ..functional import compute_dtype
+
 __all__ = [
-    "ZeroMean", "compress_reader_", "compress_writer_", "fold_affine_", "fold_norm_affine", "is_conv1d",
-    "reader_in_features", "recentre_output_", "writer_out_features", "writer_tensors",
+    "ChannelAffine", "ConversionError", "FoldedNorm", "ZeroMean", "compress_reader_", "compress_writer_", "fold_affine_",
+    "fold_norm_affine", "fuse_norms", "is_conv1d", "reader_in_features", "recentre_output_", "writer_out_features",
+    "writer_tensors",
 ]
+
+
+class ConversionError(ValueError):
+    """A model, or one of its modules, that a conversion cannot convert exactly (the model is untouched)."""
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -218,3 +242,148 @@ def compress_reader_(reader: nn.Module) -> None:
                         "width and the attention output width")
     else:
         reader_in_features(reader)
+
+
+class ChannelAffine(nn.Module):
+    """``y = x * weight + bias`` over the last dim: a norm's fixed eval-mode map with no statistics left.
+    ``forward(x, pad_mask=None, tau=None)`` takes (and ignores) a norm slot's extra inputs; the arithmetic
+    runs in float32 for float16/bfloat16 input, as in the norms it replaces."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, requires_grad: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, tau: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        dtype = compute_dtype(x.dtype)
+        return torch.addcmul(self.bias.to(dtype), x.to(dtype), self.weight.to(dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}"
+
+
+class FoldedNorm(nn.Module):
+    """The identity left where a norm was folded into every layer that reads it;
+    ``forward(x, pad_mask=None, tau=None)`` takes (and ignores) a norm slot's extra inputs."""
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, tau: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return x
+
+
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
+_METADATA_METHODS = frozenset({"size", "dim"})
+
+
+def _fusable(module: nn.Module) -> bool:
+    return callable(getattr(type(module), "inference_affine", None))
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
+class _NormTracer(fx.Tracer):
+    """Keeps the norms and every ``nn.Linear`` (besides torch's own leaves) as single call nodes."""
+
+    def __init__(self, norms: set[int]) -> None:
+        super().__init__()
+        self.norms = norms
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.norms or isinstance(m, nn.Linear) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module, norms: dict[str, nn.Module], error) -> fx.Graph:
+    params = inspect.signature(model.forward).parameters.values()
+    concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    try:
+        return _NormTracer({id(m) for m in norms.values()}).trace(model, concrete_args=concrete or None)
+    except Exception as err:  # noqa: BLE001 -- any tracing failure means the dataflow is unknown
+        raise error(f"<model> ({type(model).__name__}): torch.fx cannot trace its forward "
+                    f"({type(err).__name__}: {err}); fuse_norms needs the dataflow to find the Linear layers "
+                    "that read each norm") from err
+
+
+def _owners(model: nn.Module) -> dict[int, set[int]]:
+    """``id(parameter) -> {id(module) holding it}`` over the whole model."""
+    out: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                out.setdefault(id(p), set()).add(id(mod))
+    return out
+
+
+def _linear_readers(model: nn.Module, graph: fx.Graph, norms: dict[str, nn.Module]
+                    ) -> dict[str, list[str] | None]:
+    """For each norm, the qualified names of the Linear layers it folds into, or None when it cannot fold."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    owners = _owners(model)
+    out: dict[str, list[str] | None] = {}
+    for name in norms:
+        readers: list[str] = []
+        foldable = bool(calls.get(name))
+        for node in calls.get(name, []):
+            for user in node.users:
+                if _reads_metadata_only(user):
+                    continue
+                target = user.target if user.op == "call_module" else None
+                module = model.get_submodule(target) if target is not None else None
+                if (isinstance(module, nn.Linear) and user.args == (node,) and not user.kwargs
+                        and len(calls[target]) == 1
+                        and all(owners[id(p)] == {id(module)} for p in module.parameters(recurse=False))):
+                    readers.append(target)
+                else:
+                    foldable = False
+        out[name] = readers if foldable and readers else None
+    return out
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    return names
+
+
+def fuse_norms(model: nn.Module) -> list[str]:
+    """Fold every eval-mode norm with an ``inference_affine()`` (UnifiedNorm, PowerNorm without group
+    scaling) into the ``nn.Linear`` layers that read it, in place; norms that cannot fold become
+    :class:`ChannelAffine` (see the module docstring). Returns the qualified names it changed (norms and
+    Linears). Raises :class:`~normlab.convert.ConversionError` (a ``ValueError``), leaving the model
+    untouched, for a norm still in training mode, a norm with no fixed affine (PowerNorm with group
+    scaling) or a model ``torch.fx`` cannot trace. The fused model computes the same function in eval
+    mode up to floating-point rounding."""
+    norms = {name: m for name, m in model.named_modules() if _fusable(m)}
+    if not norms:
+        return []
+    affines = {}
+    for name, norm in norms.items():
+        if norm.training:
+            raise ConversionError(f"{name}: {type(norm).__name__} is in training mode, where it normalises by "
+                                  "batch statistics; call model.eval() before fuse_norms")
+        try:
+            affines[name] = norm.inference_affine()
+        except ValueError as err:
+            raise ConversionError(f"{name}: {err}") from None
+    readers = _linear_readers(model, _trace(model, norms, ConversionError), norms)
+    changed: list[str] = []
+    for name, norm in norms.items():
+        scale, shift = affines[name]
+        linears = readers[name]
+        if linears is None:
+            requires_grad = any(p.requires_grad for p in norm.parameters())
+            changed += _replace(model, norm, ChannelAffine(scale, shift, requires_grad))
+        else:
+            fold_affine_([model.get_submodule(n) for n in linears], scale, shift)
+            changed += _replace(model, norm, FoldedNorm()) + linears
+    return changed

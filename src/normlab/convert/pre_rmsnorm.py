@@ -67,15 +67,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..layers.layernorm import CRMSNorm, RMSNorm
-from .fuse import (ZeroMean, compress_reader_, compress_writer_, fold_norm_affine, reader_in_features,
-                   recentre_output_, writer_out_features, writer_tensors)
+from .fuse import (ConversionError, ZeroMean, compress_reader_, compress_writer_, fold_norm_affine,
+                   reader_in_features, recentre_output_, writer_out_features, writer_tensors)
 
 __all__ = ["BlockSpec", "ConversionError", "PreLNSpec", "PreRMSNormEncoderLayer", "RecentreInput", "builtin_spec",
            "to_rmsnorm"]
-
-
-class ConversionError(ValueError):
-    """A model, or one of its modules, that a conversion cannot convert exactly (the model is untouched)."""
 
 
 @dataclass(frozen=True)
