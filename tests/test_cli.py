@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from normlab.bench.runner import load_records
 from normlab.cli import main

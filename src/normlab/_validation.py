@@ -26,14 +26,19 @@ def as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def check_float_tensor(x: torch.Tensor, name: str = "input") -> None:
+    """``TypeError`` unless ``x`` is a floating-point tensor (float16/bfloat16/float32/float64)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+
+
 def check_input(x: torch.Tensor, trailing: tuple[int, ...], *, name: str = "input") -> None:
     """``ValueError`` naming expected and actual shape when ``x`` does not end in ``trailing``;
     ``TypeError`` for a non-floating dtype. Skipped while ``torch.compile`` traces."""
     if torch.compiler.is_compiling():
         return
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    check_float_tensor(x, name)
     if tuple(x.shape[x.dim() - len(trailing):]) != trailing or x.dim() < len(trailing):
         raise ValueError(f"expected {name} with trailing shape {trailing}, got {tuple(x.shape)}")

@@ -81,7 +81,7 @@ from torch import nn
 
 from ..distributed import all_reduce_sum
 from ..functional import _needs_grad, compute_dtype
-from .._validation import FLOAT_DTYPES, check_eps
+from .._validation import check_eps, check_float_tensor
 
 __all__ = ["UnifiedNorm"]
 
@@ -234,10 +234,7 @@ class UnifiedNorm(nn.Module):
     def _check(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
         if torch.compiler.is_compiling():
             return
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"input must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+        check_float_tensor(x)
         c = self.num_features
         if x.dim() not in (2, 3) or x.shape[-1] != c:
             raise ValueError(f"UnifiedNorm: expected input of shape (B, N, {c}) or (N, {c}), got {tuple(x.shape)}")

@@ -25,7 +25,7 @@ same 400 steps, status ``report`` (the sheet gives no quick rule). Smoke: 5 step
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +102,6 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
             "curves": {"w2_norm_ratio": ratio_curve, "train_loss": [[i + 1, v] for i, v in enumerate(losses)]}}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
 
 def _verdict(records: list[Record], experiment_id: str) -> tuple[str, str]:
     base, proj = PAIRS[experiment_id]
@@ -115,7 +112,7 @@ def _verdict(records: list[Record], experiment_id: str) -> tuple[str, str]:
         raise ValueError(f"no lr with records of both {base} and {proj}")
     growth_ok, lines = True, []
     for lr in lrs:
-        r_base, r_proj = _mean(ratios[(base, lr)]), _mean(ratios[(proj, lr)])
+        r_base, r_proj = fmean(ratios[(base, lr)]), fmean(ratios[(proj, lr)])
         ok = r_proj < r_base and r_proj - 1 <= GROWTH_FRACTION * (r_base - 1)
         growth_ok &= ok
         frac = (r_proj - 1) / (r_base - 1) if r_base != 1 else float("nan")
@@ -124,7 +121,7 @@ def _verdict(records: list[Record], experiment_id: str) -> tuple[str, str]:
     acc = {}
     for arm in (base, proj):
         lr, vals = best_lr(records, arm, "test_acc", lower_is_better=False)
-        acc[arm] = (lr, _mean(vals), len(vals))
+        acc[arm] = (lr, fmean(vals), len(vals))
     acc_ok = acc[proj][1] >= acc[base][1] - ACC_GAP
     numbers = "; ".join(lines) + "; best-lr held-out accuracy " + ", ".join(
         f"{arm} {a:.2f}% (lr {lr:g}, {n} seed(s))" for arm, (lr, a, n) in acc.items())

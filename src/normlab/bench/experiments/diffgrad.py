@@ -30,7 +30,7 @@ escaping the local well (from x0 = +2 neither optimizer does) and speed at lr 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from statistics import fmean
 
 import numpy as np
 import torch
@@ -109,16 +109,13 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
     return {"metrics": metrics, "curves": curves}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
 
 def verdict(records: list[Record]) -> tuple[str, str]:
     mode = records_mode(records, ARMS)
     best = {arm: best_lr(records, arm, "test_acc", lower_is_better=False) for arm in ARMS}
     (adam_lr, adam_vals), (dg_lr, dg_vals) = best["adam"], best["diffgrad"]
-    adam_acc, dg_acc = _mean(adam_vals), _mean(dg_vals)
-    xi = _mean(records_by_arm([r for r in records if r["arm"] == "diffgrad"], "mean_friction")[("diffgrad", dg_lr)])
+    adam_acc, dg_acc = fmean(adam_vals), fmean(dg_vals)
+    xi = fmean(records_by_arm([r for r in records if r["arm"] == "diffgrad"], "mean_friction")[("diffgrad", dg_lr)])
     numbers = (f"Adam: best lr {adam_lr:g}, test acc {adam_acc:.2f} % ({len(adam_vals)} seed(s)); diffGrad: best "
                f"lr {dg_lr:g}, test acc {dg_acc:.2f} % ({len(dg_vals)} seed(s)), mean friction {xi:.5f}")
     if mode == "smoke":
@@ -176,8 +173,8 @@ def run_well(arm: str, lr: float | None, seed: int, mode: str) -> dict:
 
 def verdict_well(records: list[Record]) -> tuple[str, str]:
     mode = records_mode(records, ARMS)
-    amp = {arm: _mean(records_by_arm(records, "amplitude")[(arm, WELL_LR)]) for arm in ARMS}
-    final = {arm: _mean(records_by_arm(records, "final_x")[(arm, WELL_LR)]) for arm in ARMS}
+    amp = {arm: fmean(records_by_arm(records, "amplitude")[(arm, WELL_LR)]) for arm in ARMS}
+    final = {arm: fmean(records_by_arm(records, "final_x")[(arm, WELL_LR)]) for arm in ARMS}
     lo, hi = _well_window(WELL_STEPS[mode])
     numbers = (f"late oscillation max_{{{lo}<=t<={hi}}} |x_t - x*|: Adam {amp['adam']:.4f}, diffGrad "
                f"{amp['diffgrad']:.4f}; final x: Adam {final['adam']:.4f}, diffGrad {final['diffgrad']:.4f} "

@@ -11,7 +11,7 @@ and smoke modes run fewer steps and take the same metrics over the same fraction
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +73,6 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
     return {"metrics": metrics, "curves": {"train_loss": [[i + 1, v] for i, v in enumerate(losses)]}}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
 
 def verdict(records: list[Record]) -> tuple[str, str]:
     mode = records_mode(records, ARMS)
@@ -83,7 +80,7 @@ def verdict(records: list[Record]) -> tuple[str, str]:
     for arm in ARMS:
         lr, vals200 = best_lr(records, arm, "loss_200")
         vals100 = records_by_arm(records, "loss_100")[(arm, lr)]
-        best[arm] = (lr, _mean(vals200), _mean(vals100), len(vals200))
+        best[arm] = (lr, fmean(vals200), fmean(vals100), len(vals200))
     numbers = "; ".join(f"{arm}: best lr {lr:g}, loss@200 {l200:.3f}, loss@100 {l100:.3f} ({n} seed(s))"
                         for arm, (lr, l200, l100, n) in best.items())
     if mode != "full":

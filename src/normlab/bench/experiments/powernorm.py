@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import sysconfig
-from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -154,20 +154,17 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
     return {"metrics": metrics, "curves": {"train_loss": [[i + 1, v] for i, v in enumerate(losses)]}}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
 
 def verdict(records: list[Record]) -> tuple[str, str]:
     mode = records_mode(records, ARMS)
     by_arm = records_by_arm(records, "val_loss")
-    loss = {arm: _mean(next(v for (a, _), v in by_arm.items() if a == arm)) for arm in ARMS}
+    loss = {arm: fmean(next(v for (a, _), v in by_arm.items() if a == arm)) for arm in ARMS}
     seeds = {arm: len(next(v for (a, _), v in by_arm.items() if a == arm)) for arm in ARMS}
     fluct = {}
     for arm in ("pn", "bn"):
         values = [r["metrics"][key] for r in records if r["arm"] == arm
                   for key in ("stat_fluct", "stat_fluct_2nd_half") if key in r["metrics"]]
-        fluct[arm] = "n/a" if not values else (f"{_mean(values[0::2]):.3f} (2nd half {_mean(values[1::2]):.3f})")
+        fluct[arm] = "n/a" if not values else (f"{fmean(values[0::2]):.3f} (2nd half {fmean(values[1::2]):.3f})")
     numbers = (f"held-out loss LN {loss['ln']:.3f}, PN {loss['pn']:.3f}, BN {loss['bn']:.3f} "
                f"({min(seeds.values())} seed(s)); PN - LN {loss['pn'] - loss['ln']:+.3f}, BN - PN "
                f"{loss['bn'] - loss['pn']:+.3f}; batch-vs-running statistic fluctuation (report only) "

@@ -27,8 +27,8 @@ each run about 10x slower.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import lru_cache
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +123,6 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
             "curves": {"train_loss": [[i + 1, v] for i, v in enumerate(losses)]}}
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
 
 def verdict(records: list[Record]) -> tuple[str, str]:
     mode = records_mode(records, ARMS)
@@ -133,7 +130,7 @@ def verdict(records: list[Record]) -> tuple[str, str]:
     for arm in ARMS:
         lr, vals = best_lr(records, arm, "eps_mse")
         params = records_by_arm(records, "cond_params")[(arm, lr)]
-        best[arm] = (lr, _mean(vals), max(params), len(vals))
+        best[arm] = (lr, fmean(vals), max(params), len(vals))
     numbers = "; ".join(f"{arm}: lr {lr:g}, eps-MSE {mse:.4f}, {int(p)} time-conditioning params ({k} seed(s))"
                         for arm, (lr, mse, p, k) in best.items())
     if mode != "full":

@@ -32,6 +32,7 @@ import math
 import statistics
 import time
 from functools import lru_cache, partial
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +144,6 @@ def run(arm: str, lr: float | None, seed: int, mode: str) -> dict:
     return {"metrics": metrics, "curves": {"test_acc": curve, "train_loss": losses}}
 
 
-def _mean(values) -> float:
-    return sum(values) / len(values)
-
 
 def _fused_ok(records: list[Record], arm: str) -> tuple[bool, float]:
     recs = [r for r in records if r["arm"] == arm]
@@ -159,8 +157,8 @@ def verdict(records: list[Record]) -> tuple[str, str]:
     acc = {arm: vals for (arm, _), vals in records_by_arm(records, "acc").items()}
     finite = all(r["metrics"]["finite"] == 1.0 for r in records)
     fused_ok, worst = _fused_ok(records, "un")
-    ln, un = _mean(acc["ln"]), _mean(acc["un"])
-    numbers = "; ".join(f"{arm} {_mean(v):.1f} % (seeds: {', '.join(f'{a:.1f}' for a in v)})"
+    ln, un = fmean(acc["ln"]), fmean(acc["un"])
+    numbers = "; ".join(f"{arm} {fmean(v):.1f} % (seeds: {', '.join(f'{a:.1f}' for a in v)})"
                         for arm, v in acc.items())
     fused = (f"fused UN predictions identical on every seed: {'yes' if fused_ok else 'no'} "
              f"(max |logit diff| {worst:.1e}, need <= {LOGIT_TOL:g})")
