@@ -1,9 +1,11 @@
 """The runner and report: records, resume, interruption, budgets, errors, shared runs, rebuilt reports."""
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 from normlab.bench import experiment as experiment_module
 from normlab.bench.experiment import Experiment, Grid, best_lr, records_by_arm
@@ -182,3 +184,21 @@ def test_torn_last_line_from_a_kill_is_dropped_on_resume(tmp_path):
     run_experiments([make_experiment(calls=calls)], "full", tmp_path, resume=True, progress=False)
     assert len(calls) == 5
     assert len(load_records(tmp_path)) == 8
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_run_gets_the_experiments_thread_count_and_the_caller_keeps_its_own(tmp_path, threads):
+    seen = []
+
+    def run(arm, lr, seed, mode):
+        seen.append(torch.get_num_threads())
+        return {"metrics": {"loss": 1.0 if arm == "baseline" else 0.5}}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        exp = dataclasses.replace(make_experiment(run=run), threads=threads)
+        run_experiments([exp], "full", tmp_path, progress=False)
+        assert seen == [threads] * 8 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
