@@ -1,5 +1,7 @@
 """Shared data and the reference transformer."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,17 @@ def test_transformer_is_causal_and_head_can_be_tied():
     torch.testing.assert_close(model(idx)[:, :-1], model(changed)[:, :-1])
     with pytest.raises(ValueError, match="placement"):
         TinyTransformer(20, placement="middle")
+
+
+def test_transformer_initialisations():
+    gpt = TinyTransformer(50, d_model=64, n_layers=2, max_len=16)
+    ref = TinyTransformer(50, d_model=64, n_layers=2, max_len=16, init="torch")
+    fc1 = gpt.blocks[0].mlp.fc1.weight
+    assert abs(fc1.std().item() - 0.02) < 0.002
+    assert abs(gpt.blocks[0].mlp.fc2.weight.std().item() - 0.02 / 2) < 0.001  # 0.02 / sqrt(2 n_layers)
+    bound = 1 / math.sqrt(64)  # torch's Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    w = ref.blocks[0].mlp.fc1.weight
+    assert w.abs().max().item() <= bound and abs(w.std().item() - bound / math.sqrt(3)) < 0.01
+    assert abs(ref.tok_emb.weight.std().item() - 1.0) < 0.05  # Embedding default N(0, 1)
+    with pytest.raises(ValueError, match="init must be 'gpt' or 'torch'"):
+        TinyTransformer(50, init="xavier")
