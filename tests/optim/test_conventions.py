@@ -1,7 +1,9 @@
 """The torch.optim conventions every stochastic normlab optimizer keeps (DESIGN.md, "Optimizers"):
-bit-exact resume through ``state_dict``, closures, sparse gradients refused, invalid lr refused, and
-``DistributedDataParallel`` on 2 gloo ranks equal to one process on the whole batch."""
+bit-exact resume through ``state_dict``, closures, sparse gradients refused, invalid lr refused, a
+``torch.compile``-d step equal to the eager one, and ``DistributedDataParallel`` on 2 gloo ranks equal
+to one process on the whole batch."""
 
+import copy
 import io
 
 import pytest
@@ -100,6 +102,22 @@ def test_sparse_gradients_are_refused(name):
 def test_invalid_lr_is_refused(name):
     with pytest.raises(ValueError, match="Invalid lr: -1"):
         OPTIMIZERS[name](_model(), lr=-1.0)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_compiled_step_matches_eager(name):
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager, compiled = OPTIMIZERS[name](eager_model), OPTIMIZERS[name](compiled_model)
+    compiled_step = torch.compile(compiled.step, backend="aot_eager")
+    for step in range(3):
+        x, y = _batch(step)
+        for model, opt, step_fn in ((eager_model, eager, eager.step), (compiled_model, compiled, compiled_step)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            step_fn()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
 def _ddp_runs(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
