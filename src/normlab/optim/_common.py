@@ -16,7 +16,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 __all__ = [
-    "MatrixOptimizer", "adam_fallback_step", "check_betas", "check_nonnegative", "check_positive", "grads_of",
+    "CheckedGroups", "MatrixOptimizer", "adam_fallback_step", "check_betas", "check_nonnegative", "check_positive", "grads_of",
     "optimizer_state_bytes", "reject_dtensor", "split_matrix_params",
 ]
 
@@ -132,7 +132,24 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if isinstance(v, torch.Tensor))
 
 
-class MatrixOptimizer(torch.optim.Optimizer):
+class CheckedGroups(torch.optim.Optimizer):
+    """An optimizer whose every param group is checked as it is added, by the constructor or by
+    ``add_param_group`` alike (a group may override any default): :meth:`_check_group` raises
+    ``ValueError``/``TypeError`` and the failing group is not kept."""
+
+    def _check_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+
+class MatrixOptimizer(CheckedGroups):
     """Base of the matrix-wise optimizers (SWAN, SinkGD): one optimizer, one ``state``, two kinds of group.
 
     A param group whose option ``flag`` (``"use_swan"``, ``"use_sinkgd"``) is true gets the subclass's
@@ -166,23 +183,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def _matrix_step(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> None:
         raise NotImplementedError
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            self._validate(group)
-            if group[self.flag]:
-                names = group.get("param_names") or [
-                    f"params[{i}] of param group {len(self.param_groups) - 1}" for i in range(len(group["params"]))]
-                for name, p in zip(names, group["params"]):
-                    reject_dtensor(p, self.name)
-                    if not self._is_matrix(p):
-                        raise ValueError(f"{self.name} requires {self.matrix_rule}; route {name} (shape "
-                                         f"{tuple(p.shape)}) to the Adam fallback ({self.flag}=False), or build "
-                                         f"the groups with {self.helper}(model, lr)")
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        self._validate(group)
+        if group[self.flag]:
+            names = group.get("param_names") or [
+                f"params[{i}] of param group {len(self.param_groups) - 1}" for i in range(len(group["params"]))]
+            for name, p in zip(names, group["params"]):
+                reject_dtensor(p, self.name)
+                if not self._is_matrix(p):
+                    raise ValueError(f"{self.name} requires {self.matrix_rule}; route {name} (shape "
+                                     f"{tuple(p.shape)}) to the Adam fallback ({self.flag}=False), or build "
+                                     f"the groups with {self.helper}(model, lr)")
 
     @torch.no_grad()
     def step(self, closure=None):

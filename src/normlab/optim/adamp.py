@@ -97,7 +97,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_scalar_dtype
 
-from ._common import check_betas, check_nonnegative, grads_of
+from ._common import CheckedGroups, check_betas, check_nonnegative, grads_of
 
 __all__ = ["AdamP", "SGDP", "adamp", "effective_step_size", "is_scale_invariant", "project_radial", "sgdp"]
 
@@ -325,7 +325,7 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, be
                                 [step_sizes[i] for i in rest])
 
 
-class AdamP(torch.optim.Optimizer):
+class AdamP(CheckedGroups):
     """AdamW that projects the radial component out of the update of scale-invariant weights
     (Heo et al., ICLR 2021); see the module docstring for the rule, defaults and deviations.
 
@@ -339,21 +339,13 @@ class AdamP(torch.optim.Optimizer):
                  nesterov: bool = False, *, foreach: bool | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
                         nesterov=nesterov, foreach=foreach)
-        self._check(defaults)
+        self._check_group(defaults)
         super().__init__(params, defaults)
 
     @staticmethod
-    def _check(group: dict) -> None:
+    def _check_group(group: dict) -> None:
         _check_common(group, "AdamP")
         check_betas(group["betas"])
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
 
     def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
                     steps: list) -> None:
@@ -435,7 +427,7 @@ def _multi_tensor_sgdp(params, grads, momentum_buffers, *, lr, momentum, dampeni
     torch._foreach_add_(params, updates, alpha=-lr)
 
 
-class SGDP(torch.optim.Optimizer):
+class SGDP(CheckedGroups):
     """SGD with momentum that projects the radial component out of the update of scale-invariant
     weights (Heo et al., ICLR 2021); see the module docstring for the rule, defaults and deviations.
 
@@ -451,11 +443,11 @@ class SGDP(torch.optim.Optimizer):
                  wd_ratio: float = 0.1, *, foreach: bool | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach)
-        self._check(defaults)
+        self._check_group(defaults)
         super().__init__(params, defaults)
 
     @staticmethod
-    def _check(group: dict) -> None:
+    def _check_group(group: dict) -> None:
         _check_common(group, "SGDP")
         if not 0.0 <= group["momentum"] < 1.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']} "
@@ -463,14 +455,6 @@ class SGDP(torch.optim.Optimizer):
         check_nonnegative("dampening", group["dampening"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._check(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
