@@ -42,3 +42,30 @@ def check_input(x: torch.Tensor, trailing: tuple[int, ...], *, name: str = "inpu
     check_float_tensor(x, name)
     if tuple(x.shape[x.dim() - len(trailing):]) != trailing or x.dim() < len(trailing):
         raise ValueError(f"expected {name} with trailing shape {trailing}, got {tuple(x.shape)}")
+
+
+def check_channel_input(x: torch.Tensor, num_features: int, layer: str, *, ndims: tuple[int, ...] = (4,)) -> None:
+    """The input checks of a channel-first norm (``(N, C, *)``, C = ``num_features``): ``TypeError`` for a
+    non-floating dtype, ``ValueError`` for a rank not in ``ndims``, a channel count other than
+    ``num_features`` or an empty batch, each naming the input shape. Skipped while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return
+    check_float_tensor(x)
+    shape = tuple(x.shape)
+    if x.dim() not in ndims:
+        layouts = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+        wanted = " or ".join(f"{d}D {layouts[d]}" for d in ndims)
+        raise ValueError(f"{layer} expected {wanted} input, got {x.dim()}D input of shape {shape}")
+    if shape[1] != num_features:
+        raise ValueError(f"{layer} expected {num_features} channels in dim 1, got {shape[1]} "
+                         f"(input of shape {shape})")
+    if shape[0] == 0:
+        raise ValueError(f"{layer} expected a non-empty batch, got input of shape {shape}")
+
+
+def check_values_per_channel(count: int, layer: str, shape: tuple[int, ...]) -> None:
+    """``ValueError`` when batch statistics would be taken over a single value per channel (their variance
+    is 0 and the output meaningless), as ``nn.BatchNorm2d`` raises. ``count`` is the global count."""
+    if count <= 1 and not torch.compiler.is_compiling():
+        raise ValueError(f"{layer} needs more than one value per channel in training, got input of shape "
+                         f"{tuple(shape)}")

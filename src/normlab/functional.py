@@ -191,3 +191,28 @@ def crms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.T
     if not _needs_grad(xc, w, b):  # inference: skip the autograd.Function's per-call overhead
         return _crms_norm_forward(xc, w, b, eps)[0].to(x.dtype)
     return _CRMSNormFunction.apply(xc, w, b, eps).to(x.dtype)
+
+
+def batch_var_mean(x: torch.Tensor, dim: tuple[int, ...], *, process_group=None
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Biased variance and mean of ``x`` over the axes ``dim`` (kept as size-1 axes), and the number of
+    values each statistic is taken over, for the whole batch across the ranks of ``process_group``.
+
+    In :func:`compute_dtype`. Without a multi-rank group this is ``torch.var_mean(x, dim, correction=0)``;
+    with one it is two differentiable all-reduces (:func:`normlab.distributed.all_reduce_sum`): the sum
+    and count give the global mean, then the sum of squared deviations from it gives the global variance,
+    the same two-pass formula one process holding the whole batch computes (no ``E[x^2] - E[x]^2``
+    cancellation). The count is the global count in both cases. Every batch-statistics layer of normlab
+    takes its moments here.
+    """
+    from .distributed import all_reduce_sum, is_distributed
+
+    x = x.to(compute_dtype(x.dtype))
+    count = math.prod(x.shape[d] for d in dim)
+    if not is_distributed(process_group):
+        var, mean = torch.var_mean(x, dim=dim, correction=0, keepdim=True)
+        return var, mean, count
+    total, n = all_reduce_sum(x.sum(dim, keepdim=True), x.new_full((1,), count), process_group=process_group)
+    mean = total / n
+    (sq,) = all_reduce_sum((x - mean).square().sum(dim, keepdim=True), process_group=process_group)
+    return sq / n, mean, int(n.item())

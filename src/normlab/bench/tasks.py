@@ -2,6 +2,7 @@
 
 - :func:`char_corpus`: the Python standard library's own ``.py`` sources as a character stream.
 - :func:`digits` / :func:`corrupt_digits`: scikit-learn's 8x8 digits with generated noise, shifts, masks.
+- :class:`DigitsCNN`: the small CNN of the batch-statistics checks, with swappable norm+activation slots.
 - :class:`TinyTransformer`: a small nanoGPT-style transformer with swappable norm slots, Pre- or Post-LN.
 """
 
@@ -105,6 +106,35 @@ def corrupt_digits(images: torch.Tensor, kind: str, severity: float, seed: int =
 
 
 NormFactory = Callable[[int], nn.Module]
+
+
+class DigitsCNN(nn.Module):
+    """The small CNN of the batch-statistics claim checks (evonorm, bcn_ws, adab2n) on 8x8 digits:
+    conv 3x3 (1->32) -> N -> conv 3x3 (32->64) -> N -> 2x2 max-pool -> conv 3x3 (64->64) -> N -> global
+    average pool -> Linear(64->10). Convs are bias-free with padding 1; PyTorch default init.
+
+    ``norm_act(channels)`` builds each N slot, a normalization *and* its activation (e.g.
+    ``nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())``, or one EvoNorm layer, which is both), so
+    :func:`normlab.convert.replace_batchnorm` and friends find the same BN -> ReLU pairs a user model has.
+    """
+
+    def __init__(self, norm_act: NormFactory, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1, bias=False), norm_act(32),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), norm_act(64),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1, bias=False), norm_act(64),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def bn_relu(channels: int) -> nn.Module:
+    """``BatchNorm2d -> ReLU``, the baseline N slot of :class:`DigitsCNN`."""
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
 
 
 def _call_norm(norm: nn.Module, x: torch.Tensor, pad_mask: torch.Tensor | None, tau: torch.Tensor | None

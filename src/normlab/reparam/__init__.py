@@ -1,0 +1,1 @@
+"""Weight reparameterizations on ``torch.nn.utils.parametrize``, one file per method."""
