@@ -6,22 +6,27 @@ conversions (``normlab.convert``), the factories :func:`create_norm` and :func:`
 the catalog (:func:`list_methods`).
 """
 
-from . import attention, convert, distributed, functional, optim
+from . import attention, convert, distributed, functional, optim, reparam, training
 from .attention import NormAwareLinearAttention, linear_attention, nala_attention, nala_feature_maps
 from .catalog import MethodEntry, get_method, list_methods
 from .factory import create_norm, create_optimizer, norm_names, optimizer_names
-from .layers import (AdaLayerNorm, CRMSNorm, LayerNorm, LayerNormLSTM, LayerNormLSTMCell, PowerNorm, RMSNorm,
-                     TDLayerNorm, TDRMSNorm, TimeDependentParameter, UnifiedNorm)
+from .layers import (AdaB2N, AdaLayerNorm, AlphaBatchNorm, BatchChannelNorm2d, CRMSNorm, EvoNormB0, EvoNormS0,
+                     LayerNorm, LayerNormLSTM, LayerNormLSTMCell, LearnableRegionNorm2d, PowerNorm, RegionNorm2d,
+                     RMSNorm, TDLayerNorm, TDRMSNorm, TimeDependentParameter, UnifiedNorm)
+from .reparam import WeightStandardization, add_weight_standardization, weight_standardization
+from .training import Core, pairwise_class_correlation_loss
 from .optim import (SGDP, SWAN, AdamP, DiffGrad, GradNormalizedGD, GradRegNewton, LogisticGDClassifier, SinkGD,
                     fit_separator)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGDP", "SWAN", "AdaLayerNorm", "AdamP", "CRMSNorm", "DiffGrad", "GradNormalizedGD", "GradRegNewton",
-    "LayerNorm", "LayerNormLSTM", "LayerNormLSTMCell", "LogisticGDClassifier", "MethodEntry",
-    "NormAwareLinearAttention", "PowerNorm", "RMSNorm", "SinkGD", "TDLayerNorm", "TDRMSNorm",
-    "TimeDependentParameter", "UnifiedNorm", "attention", "convert", "create_norm", "create_optimizer",
-    "distributed", "fit_separator", "functional", "get_method", "linear_attention", "list_methods",
-    "nala_attention", "nala_feature_maps", "norm_names", "optim", "optimizer_names",
+    "SGDP", "SWAN", "AdaB2N", "AdaLayerNorm", "AdamP", "AlphaBatchNorm", "BatchChannelNorm2d", "CRMSNorm", "Core",
+    "DiffGrad", "EvoNormB0", "EvoNormS0", "GradNormalizedGD", "GradRegNewton", "LayerNorm", "LayerNormLSTM",
+    "LayerNormLSTMCell", "LearnableRegionNorm2d", "LogisticGDClassifier", "MethodEntry", "NormAwareLinearAttention",
+    "PowerNorm", "RMSNorm", "RegionNorm2d", "SinkGD", "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter",
+    "UnifiedNorm", "WeightStandardization", "add_weight_standardization", "attention", "convert", "create_norm",
+    "create_optimizer", "distributed", "fit_separator", "functional", "get_method", "linear_attention",
+    "list_methods", "nala_attention", "nala_feature_maps", "norm_names", "optim", "optimizer_names",
+    "pairwise_class_correlation_loss", "reparam", "training", "weight_standardization",
 ]

@@ -29,13 +29,35 @@ def rank(process_group: dist.ProcessGroup | None = None) -> int:
     return dist.get_rank(process_group) if dist.is_available() and dist.is_initialized() else 0
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """``SUM`` all-reduce of one flat buffer whose backward is the same all-reduce of the gradient: every
+    rank's loss depends on the global sum, so the gradient of a rank's local part is the sum over ranks
+    of the gradients each rank computed for the global sum."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, process_group) -> torch.Tensor:
+        ctx.process_group = process_group
+        out = flat.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=process_group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        return grad, None
+
+
 def all_reduce_sum(*tensors: torch.Tensor, process_group: dist.ProcessGroup | None = None
                    ) -> tuple[torch.Tensor, ...]:
     """Each tensor summed over the ranks of ``process_group``, in one collective.
 
     The tensors (any shapes, one dtype) are packed into one flat buffer, all-reduced with ``SUM`` and
-    split back, so a layer's statistic and its count cost one round trip. The inputs are not modified;
-    without a multi-rank process group they are returned as they are.
+    split back, so a layer's statistic and its count cost one round trip. The reduction is
+    differentiable: under autograd its backward all-reduces the gradient the same way, so a layer that
+    normalizes by global statistics gets the gradient of one process holding the whole batch (every rank
+    must then run backward, as under DDP). The inputs are not modified; without a multi-rank process
+    group they are returned as they are.
     """
     if not is_distributed(process_group):
         return tensors
@@ -43,5 +65,9 @@ def all_reduce_sum(*tensors: torch.Tensor, process_group: dist.ProcessGroup | No
     if len(dtypes) != 1:
         raise TypeError(f"all_reduce_sum needs tensors of one dtype, got {sorted(map(str, dtypes))}")
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        flat = _AllReduceSum.apply(flat, process_group)
+    else:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
     return tuple(part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
+

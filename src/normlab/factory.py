@@ -27,6 +27,13 @@ _NORMS: dict[str, type[nn.Module]] = {
     "tdlayernorm": layers.TDLayerNorm,
     "tdrmsnorm": layers.TDRMSNorm,
     "adalayernorm": layers.AdaLayerNorm,
+    "evonormb0": layers.EvoNormB0,
+    "evonorms0": layers.EvoNormS0,
+    "regionnorm2d": layers.RegionNorm2d,
+    "learnableregionnorm2d": layers.LearnableRegionNorm2d,
+    "batchchannelnorm2d": layers.BatchChannelNorm2d,
+    "adab2n": layers.AdaB2N,
+    "alphabatchnorm": layers.AlphaBatchNorm,
 }
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -297,7 +297,9 @@ class _NormTracer(fx.Tracer):
         return id(m) in self.norms or isinstance(m, nn.Linear) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(model: nn.Module, norms: dict[str, nn.Module], error) -> fx.Graph:
+def _trace(model: nn.Module, norms: dict[str, nn.Module], error, purpose: str) -> fx.Graph:
+    """The dataflow graph of ``model(x)`` (other arguments at their defaults), ``norms`` kept as leaves;
+    ``error`` naming the model and ``purpose`` (what the caller needs the graph for) if fx cannot trace."""
     params = inspect.signature(model.forward).parameters.values()
     concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
@@ -305,8 +307,7 @@ def _trace(model: nn.Module, norms: dict[str, nn.Module], error) -> fx.Graph:
         return _NormTracer({id(m) for m in norms.values()}).trace(model, concrete_args=concrete or None)
     except Exception as err:  # noqa: BLE001 -- any tracing failure means the dataflow is unknown
         raise error(f"<model> ({type(model).__name__}): torch.fx cannot trace its forward "
-                    f"({type(err).__name__}: {err}); fuse_norms needs the dataflow to find the Linear layers "
-                    "that read each norm") from err
+                    f"({type(err).__name__}: {err}); {purpose}") from err
 
 
 def _owners(model: nn.Module) -> dict[int, set[int]]:
@@ -375,7 +376,8 @@ def fuse_norms(model: nn.Module) -> list[str]:
             affines[name] = norm.inference_affine()
         except ValueError as err:
             raise ConversionError(f"{name}: {err}") from None
-    readers = _linear_readers(model, _trace(model, norms, ConversionError), norms)
+    readers = _linear_readers(model, _trace(model, norms, ConversionError,
+                                              "fuse_norms needs the dataflow to find the Linear layers that read each norm"), norms)
     changed: list[str] = []
     for name, norm in norms.items():
         scale, shift = affines[name]

@@ -1,14 +1,20 @@
 """Activation normalization layers, one file per method."""
 
+from .adab2n import AdaB2N, adab2n_loss, end_task, set_task_counts
+from .alpha_bn import AlphaBatchNorm
+from .batch_channel import BatchChannelNorm2d
+from .evonorm import EvoNormB0, EvoNormS0
 from .layernorm import CRMSNorm, LayerNorm, RMSNorm
 from .layernorm_lstm import LayerNormLSTM, LayerNormLSTMCell
 from .powernorm import PowerNorm
+from .region import LearnableRegionNorm2d, RegionNorm2d
 from .td_layernorm import (AdaLayerNorm, TDLayerNorm, TDRMSNorm, TimeDependentParameter, no_weight_decay_names,
                            tdln_time_from_step)
 from .unified import UnifiedNorm
 
 __all__ = [
-    "AdaLayerNorm", "CRMSNorm", "LayerNorm", "LayerNormLSTM", "LayerNormLSTMCell", "PowerNorm", "RMSNorm",
-    "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter", "UnifiedNorm", "no_weight_decay_names",
-    "tdln_time_from_step",
+    "AdaB2N", "AdaLayerNorm", "AlphaBatchNorm", "BatchChannelNorm2d", "CRMSNorm", "EvoNormB0", "EvoNormS0",
+    "LayerNorm", "LayerNormLSTM", "LayerNormLSTMCell", "LearnableRegionNorm2d", "PowerNorm", "RMSNorm",
+    "RegionNorm2d", "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter", "UnifiedNorm", "adab2n_loss", "end_task",
+    "no_weight_decay_names", "set_task_counts", "tdln_time_from_step",
 ]
