@@ -1,7 +1,9 @@
 """``normlab.functional``: rms_norm and crms_norm against torch and an independent formula, gradcheck of
-their hand-written backwards, half precision, empty batches and aot_eager compilation."""
+their hand-written backwards, half precision, empty batches and aot_eager compilation; batch_var_mean
+against ``torch.var_mean``."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -153,3 +155,28 @@ def test_aot_eager_compile_matches_eager(fn):
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for g, r in zip(grads(compiled, (x, w, b), dy), grads(eager, (x, w, b), dy)):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dim", [((5, 3, 4, 2), (0, 2, 3)), ((6, 3), (0,)), ((4, 3, 7), (0, 2)),
+                                        ((4, 3, 5), (1, 2))])
+def test_batch_var_mean_is_the_biased_moments_with_their_gradient(shape, dim):
+    x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
+    x_ref = x.clone().requires_grad_()
+    x = x.requires_grad_()
+    var, mean, count = NF.batch_var_mean(x, dim)
+    ref_var, ref_mean = torch.var_mean(x_ref, dim, correction=0, keepdim=True)
+    assert count == math.prod(shape[d] for d in dim)
+    torch.testing.assert_close(var, ref_var, rtol=0, atol=1e-13)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-14)
+    g_var, g_mean = torch.randn_like(var), torch.randn_like(mean)
+    grad = torch.autograd.grad((var * g_var).sum() + (mean * g_mean).sum(), x)[0]
+    ref = torch.autograd.grad((ref_var * g_var).sum() + (ref_mean * g_mean).sum(), x_ref)[0]
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-13)
+    assert gradcheck(lambda t: NF.batch_var_mean(t, dim)[:2], torch.randn(*shape, dtype=torch.float64, requires_grad=True))
+
+
+def test_batch_var_mean_takes_half_input_in_float32():
+    x = torch.randn(4, 3, 5, 5).to(torch.bfloat16)
+    var, mean, _ = NF.batch_var_mean(x, (0, 2, 3))
+    assert var.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(var, torch.var_mean(x.float(), (0, 2, 3), correction=0, keepdim=True)[0])

@@ -16,7 +16,8 @@ STATUSES = ("planned", "implemented", "verified")
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One paper: its sheet slug, title, year, kinds, public objects, claim-check ids and status."""
+    """One paper: its sheet slug, title, year, kinds, public objects, claim-check ids, status, and a note for
+    what a user must know before trusting the implementation (e.g. a formula reconstructed, not verified)."""
 
     slug: str
     title: str
@@ -25,6 +26,7 @@ class MethodEntry:
     objects: tuple[str, ...] = ()
     experiments: tuple[str, ...] = ()
     status: str = "planned"
+    note: str = ""
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(KINDS)
@@ -53,8 +55,12 @@ CATALOG: tuple[MethodEntry, ...] = (
                 ("reparam", "analysis")),
     MethodEntry("powernorm", "PowerNorm: Rethinking Batch Normalization in Transformers", 2020, ("layer",),
                 objects=("PowerNorm",), experiments=("powernorm",), status="verified"),
-    MethodEntry("evonorm", "Evolving Normalization-Activation Layers", 2020, ("layer",)),
-    MethodEntry("region_norm", "Region Normalization for Image Inpainting", 2019, ("layer",)),
+    MethodEntry("evonorm", "Evolving Normalization-Activation Layers", 2020, ("layer", "conversion"),
+                objects=("EvoNormB0", "EvoNormS0", "replace_bn_relu"),
+                experiments=("evonorm.s0_vs_gn", "evonorm.report"), status="verified"),
+    MethodEntry("region_norm", "Region Normalization for Image Inpainting", 2019, ("layer",),
+                objects=("RegionNorm2d", "LearnableRegionNorm2d", "region_norm"), experiments=("region_norm",),
+                status="verified"),
     MethodEntry("filter_design", "On filter design in deep convolutional neural network", 2024, ("analysis",)),
     MethodEntry("lla_hessian", "Investigating generalization capabilities of neural networks by means of loss "
                 "landscapes and Hessian analysis", 2024, ("analysis",)),
@@ -74,9 +80,14 @@ CATALOG: tuple[MethodEntry, ...] = (
                 "Transformers", 2023, ("layer", "conversion"),
                 objects=("CRMSNorm", "to_rmsnorm"), experiments=("pre_rmsnorm",), status="verified"),
     MethodEntry("adab2n", "Overcoming Recency Bias of Normalization Statistics in Continual Learning: Balance "
-                "and Adaptation", 2023, ("layer",)),
+                "and Adaptation", 2023, ("layer",),
+                objects=("AdaB2N", "set_task_counts", "end_task", "adab2n_loss", "replace_batchnorm"),
+                experiments=("adab2n.balance", "adab2n.no_harm"), status="verified"),
     MethodEntry("bcn_ws", "Micro-Batch Training with Batch-Channel Normalization and Weight Standardization",
-                2019, ("layer", "reparam", "conversion")),
+                2019, ("layer", "reparam", "conversion"),
+                objects=("BatchChannelNorm2d", "WeightStandardization", "weight_standardization",
+                         "add_weight_standardization", "to_gn_ws", "to_bcn_ws"),
+                experiments=("bcn_ws.small_batch", "bcn_ws.report"), status="verified"),
     MethodEntry("zo_subspace", "Efficient Personalization of Quantized Diffusion Model without Backpropagation",
                 2024, ("optimizer", "training")),
     MethodEntry("normalized_lrgd", "From Logistic Regression to the Perceptron Algorithm: Exploring Gradient "
@@ -94,7 +105,11 @@ CATALOG: tuple[MethodEntry, ...] = (
                 objects=("TDLayerNorm", "TDRMSNorm", "AdaLayerNorm", "TimeDependentParameter"),
                 experiments=("td_layernorm",), status="verified"),
     MethodEntry("alpha_bn", "Test-time Batch Statistics Calibration for Covariate Shift", 2021,
-                ("layer", "training")),
+                ("layer", "conversion", "training"),
+                objects=("AlphaBatchNorm", "to_alpha_bn", "sync_norms", "Core", "pairwise_class_correlation_loss"),
+                experiments=("alpha_bn",), status="verified",
+                note="Core's loss is a reconstruction (the paper's text and code were not retrieved): no numerical "
+                     "parity with the paper is claimed"),
     MethodEntry("nalaformer", "NaLaFormer: Norm-Aware Linear Attention for Transformer Models", 2025,
                 ("attention",), objects=("NormAwareLinearAttention", "nala_attention", "linear_attention"),
                 experiments=("nalaformer.norm_awareness", "nalaformer.recall", "nalaformer.scaling"),

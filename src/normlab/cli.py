@@ -26,7 +26,7 @@ def cmd_list(args) -> int:
     entries = list_methods()
     if args.json:
         rows = [{"slug": e.slug, "title": e.title, "year": e.year, "kinds": list(e.kinds),
-                 "objects": list(e.objects), "experiments": list(e.experiments), "status": e.status,
+                 "objects": list(e.objects), "experiments": list(e.experiments), "status": e.status, "note": e.note,
                  "verdicts": {x: verdicts[x]["status"] for x in e.experiments if x in verdicts}} for e in entries]
         print(json.dumps(rows, indent=2))
     elif args.markdown:
@@ -34,7 +34,8 @@ def cmd_list(args) -> int:
         print("|---|---|---|---|---|---|---|")
         for e in entries:
             objects = ", ".join(f"`{o}`" for o in e.objects) or "-"
-            print(f"| {e.slug} | {e.title} | {e.year} | {', '.join(e.kinds)} | {objects} | {e.status} | "
+            status = f"{e.status} ({e.note})" if e.note else e.status
+            print(f"| {e.slug} | {e.title} | {e.year} | {', '.join(e.kinds)} | {objects} | {status} | "
                   f"{_verdict_cell(e, verdicts)} |")
     else:
         width = max(len(e.slug) for e in entries)
@@ -44,12 +45,13 @@ def cmd_list(args) -> int:
 
 
 def _object_modules(names: Sequence[str]) -> list:
-    """The modules defining the catalog entry's public objects (normlab, then normlab.convert)."""
+    """The modules defining the catalog entry's public objects (looked up in normlab, then its subpackages)."""
     import normlab
 
     modules = []
     for name in names:
-        obj = getattr(normlab, name, None) or getattr(normlab.convert, name, None)
+        obj = next((getattr(m, name) for m in (normlab, normlab.convert, normlab.layers, normlab.functional)
+                    if hasattr(m, name)), None)
         module = inspect.getmodule(obj) if obj is not None else None
         if module is not None and module not in modules:
             modules.append(module)
@@ -67,6 +69,8 @@ def cmd_show(args) -> int:
     print(f"{entry.slug}: {entry.title} ({entry.year})")
     print(f"kinds: {', '.join(entry.kinds)}   status: {entry.status}")
     print(f"objects: {', '.join(entry.objects) or '-'}")
+    if entry.note:
+        print(f"note: {entry.note}")
     verdicts = committed_verdicts()
     for exp in entry.experiments:
         v = verdicts.get(exp)

@@ -193,26 +193,153 @@ def crms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.T
     return _CRMSNormFunction.apply(xc, w, b, eps).to(x.dtype)
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Biased variance and mean per channel (dim 1) over every other axis of ``x``, from ATen's fused
+    BatchNorm statistics kernel (several times faster on CPU than ``torch.var_mean`` over ``(0, 2, 3)``);
+    backward ``dL/dx = (dL/dmean + 2 (x - mean) dL/dvar) / n``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = mean.view(shape), var.view(shape)
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, grad_var: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        return (x - mean).mul_(grad_var * (2.0 / n)).add_(grad_mean / n)
+
+
 def batch_var_mean(x: torch.Tensor, dim: tuple[int, ...], *, process_group=None
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Biased variance and mean of ``x`` over the axes ``dim`` (kept as size-1 axes), and the number of
     values each statistic is taken over, for the whole batch across the ranks of ``process_group``.
 
-    In :func:`compute_dtype`. Without a multi-rank group this is ``torch.var_mean(x, dim, correction=0)``;
-    with one it is two differentiable all-reduces (:func:`normlab.distributed.all_reduce_sum`): the sum
-    and count give the global mean, then the sum of squared deviations from it gives the global variance,
-    the same two-pass formula one process holding the whole batch computes (no ``E[x^2] - E[x]^2``
-    cancellation). The count is the global count in both cases. Every batch-statistics layer of normlab
-    takes its moments here.
+    In :func:`compute_dtype`. Without a multi-rank group: per-channel statistics of a channel-first input
+    (``dim = (0, 2, ...)``, BatchNorm's) come from ATen's fused BatchNorm statistics kernel, any other
+    ``dim`` from ``torch.var_mean(x, dim, correction=0)``. With a multi-rank group it is two
+    differentiable all-reduces (:func:`normlab.distributed.all_reduce_sum`): the sum and count give the
+    global mean, then the sum of squared deviations from it gives the global variance, the same two-pass
+    formula one process holding the whole batch computes (no ``E[x^2] - E[x]^2`` cancellation). The count
+    is the global count in both cases. Every batch-statistics layer of normlab takes its moments here.
     """
     from .distributed import all_reduce_sum, is_distributed
 
     x = x.to(compute_dtype(x.dtype))
-    count = math.prod(x.shape[d] for d in dim)
+    count = math.prod([x.shape[d] for d in dim])
     if not is_distributed(process_group):
-        var, mean = torch.var_mean(x, dim=dim, correction=0, keepdim=True)
+        if x.dim() >= 2 and tuple(dim) == (0, *range(2, x.dim())) and count > 0:
+            var, mean = _ChannelMoments.apply(x)
+        else:
+            var, mean = torch.var_mean(x, dim=dim, correction=0, keepdim=True)
         return var, mean, count
     total, n = all_reduce_sum(x.sum(dim, keepdim=True), x.new_full((1,), count), process_group=process_group)
     mean = total / n
     (sq,) = all_reduce_sum((x - mean).square().sum(dim, keepdim=True), process_group=process_group)
     return sq / n, mean, int(n.item())
+
+
+REGION_STATS = ("batch", "instance")
+
+
+def _region_mask(mask: torch.Tensor, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """``mask`` (bool, integer or float, ``(B, 1, H', W')`` or ``(B, H', W')``, 1 = region "1", the hole)
+    as a detached ``(B, 1, H, W)`` bool tensor at the size of ``x`` (nearest resizing, as the official
+    ``RN_B``). ``ValueError`` for a wrong shape or non-binary values (the value check is skipped while
+    ``torch.compile`` traces)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{layer}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    b, _, h, w = x.shape
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 4 or mask.shape[0] != b or mask.shape[1] != 1:
+        raise ValueError(f"{layer} expected mask of shape ({b}, 1, H, W) or ({b}, H, W) for input of shape "
+                         f"{tuple(x.shape)} (resized to {h}x{w} with nearest), got {tuple(mask.shape)}")
+    mask = mask.detach().to(x.device)
+    if mask.dtype != torch.bool:
+        if not torch.compiler.is_compiling() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{layer}: mask must be binary (0/1 or bool, 1 = hole), got values in "
+                             f"[{float(mask.min())}, {float(mask.max())}] other than 0 and 1")
+        mask = mask != 0
+    if tuple(mask.shape[-2:]) != (h, w):
+        mask = torch.nn.functional.interpolate(mask.to(torch.uint8), size=(h, w), mode="nearest").bool()
+    return mask
+
+
+def _region_select(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values[1]`` where ``mask`` and ``values[0]`` elsewhere: ``values`` ``(2, Bs, C)`` (per region, sample
+    or 1, channel), ``mask`` ``(B, 1, H, W)`` bool -> ``(B, C, H, W)``."""
+    return torch.where(mask, values[1][..., None, None], values[0][..., None, None])
+
+
+def _region_moments(x: torch.Tensor, mask: torch.Tensor, eps: float, stats: str, process_group, layer: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d, rstd)``: ``d = x - mu_R`` at every position (``mu_R`` of the position's region, full size, in
+    :func:`compute_dtype`) and ``rstd = (var_R + eps * n / n_R)^(-1/2)`` of shape ``(2, Bs, C)`` (region 0,
+    region 1; ``Bs`` = 1 for ``stats="batch"``, B for ``"instance"``), with ``n_R`` the region's count
+    (clamped to 1) and ``n`` the positions per statistic. Both regions' statistics are one ``einsum`` per
+    pass; with ``stats="batch"`` the sums and counts are global (two all-reduces: sums and counts, then
+    squared deviations, as :func:`batch_var_mean`)."""
+    from ._validation import check_values_per_channel
+    from .distributed import all_reduce_sum, is_distributed
+
+    xc = x.to(compute_dtype(x.dtype))
+    m = mask.to(xc.dtype)
+    regions = torch.cat([1.0 - m, m], dim=1)  # (B, 2, H, W): region 0 (m = 0), region 1 (m = 1)
+    batch = stats == "batch"
+    pattern = "brhw,bchw->rc" if batch else "brhw,bchw->rbc"
+    sums = torch.einsum(pattern, regions, xc)
+    counts = regions.sum((0, 2, 3))[:, None] if batch else regions.sum((2, 3)).T  # (2, Bs)
+    if batch:
+        sums = sums[:, None]
+    distributed = batch and is_distributed(process_group)
+    if distributed:
+        sums, counts = all_reduce_sum(sums, counts, process_group=process_group)
+    if not torch.compiler.is_compiling():
+        per_statistic = x.shape[2] * x.shape[3] * (x.shape[0] if batch else 1)
+        check_values_per_channel(int(counts.sum().item()) if distributed else per_statistic, layer,
+                                 tuple(x.shape))
+    total = counts.sum(0)  # positions per statistic (B*H*W over all ranks, or H*W)
+    n = counts.clamp(min=1.0)
+    d = xc - _region_select(mask, sums / n[..., None])
+    squares = torch.einsum(pattern, regions, d * d)
+    if batch:
+        squares = squares[:, None]
+    if distributed:
+        (squares,) = all_reduce_sum(squares, process_group=process_group)
+    var = squares / n[..., None]
+    eps_eff = (eps * total / n)[..., None]
+    # An empty region selects no position; its 1 keeps rsqrt (and its gradient) finite when eps = 0.
+    return d, torch.where(counts[..., None] > 0, var + eps_eff, 1.0).rsqrt()
+
+
+def region_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5, stats: str = "batch",
+                process_group=None) -> torch.Tensor:
+    """Region normalization (Yu et al., AAAI 2020; :mod:`normlab.layers.region`) without affine.
+
+    ``x`` ``(B, C, H, W)``; ``mask`` bool or 0/1 ``(B, 1, H', W')`` / ``(B, H', W')``, 1 = region "1" (the
+    hole in an inpainting net), resized to ``(H, W)`` with nearest. Each region R in {m, 1 - m} is
+    standardized per channel with its own mean and biased variance,
+    ``out = sum_R R * (x - mu_R) / sqrt(var_R + eps * n / n_R)``, taken over batch and space
+    (``stats="batch"``, the official code, global over the ranks of ``process_group`` when
+    ``torch.distributed`` is initialized) or over space per sample (``stats="instance"``, the paper's
+    equations). ``n_R`` is the region's count (an empty region contributes nothing), ``n`` the positions
+    per statistic (B*H*W or H*W): the effective eps of the official BatchNorm fill trick. The mask gets
+    no gradient. With an all-zero or all-one mask this is ``F.batch_norm`` (training) or
+    ``F.instance_norm``. Statistics in float32 for half input, the output in the input dtype.
+    """
+    from ._validation import check_eps, check_float_tensor
+
+    if stats not in REGION_STATS:
+        raise ValueError(f"stats must be one of {REGION_STATS}, got {stats!r}")
+    check_eps(eps)
+    if not torch.compiler.is_compiling():
+        check_float_tensor(x)
+        if x.dim() != 4 or x.shape[0] == 0:
+            raise ValueError(f"region_norm expected a non-empty 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    mask = _region_mask(mask, x, "region_norm")
+    d, rstd = _region_moments(x, mask, float(eps), stats, process_group, "region_norm")
+    return (d * _region_select(mask, rstd)).to(x.dtype)

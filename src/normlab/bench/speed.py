@@ -44,7 +44,9 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from ..attention import linear_attention, nala_attention
-from ..layers import CRMSNorm, LayerNorm, PowerNorm, RMSNorm, TDLayerNorm, TDRMSNorm, UnifiedNorm
+from ..layers import (AdaB2N, AlphaBatchNorm, BatchChannelNorm2d, CRMSNorm, EvoNormB0, EvoNormS0, LayerNorm,
+                      LearnableRegionNorm2d, PowerNorm, RegionNorm2d, RMSNorm, TDLayerNorm, TDRMSNorm, UnifiedNorm,
+                      end_task, set_task_counts)
 from ..optim import SGDP, SWAN, AdamP, DiffGrad, SinkGD, optimizer_state_bytes
 from .experiment import intra_op_threads
 
@@ -116,6 +118,34 @@ class _TimeConditioned(nn.Module):
         return self.norm(x, tau=torch.linspace(-1, 1, x.shape[0], device=x.device))
 
 
+class _Masked(nn.Module):
+    """Region Norm (``forward(x, mask)``) fed a hole covering rows H/4..H/2 and columns W/4..3W/4 of every
+    sample (1/8 of the positions)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=x.device)
+        mask[:, :, h // 4:h // 2, w // 4:3 * w // 4] = True
+        return self.norm(x, mask)
+
+
+class _TwoTasks(nn.Module):
+    """AdaB2N on its second task, fed a batch that alternates the two task ids (task-wise weighting on)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.norm = AdaB2N(num_features, num_tasks=2)
+        end_task(self.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        set_task_counts(self.norm, torch.arange(x.shape[0], device=x.device) % 2)
+        return self.norm(x)
+
+
 def _matrix_groups(params: list[nn.Parameter], flag: str) -> list[dict]:
     """The MLP's two weights on the matrix update, its biases on the built-in Adam fallback."""
     return [{"params": [p for p in params if p.dim() == 2]},
@@ -160,6 +190,23 @@ LAYER_CASES: list[LayerCase] = [
     LayerCase("normlab TDLayerNorm", lambda c: _TimeConditioned(TDLayerNorm(c)), "token", note="one tau per sample"),
     LayerCase("normlab TDRMSNorm", lambda c: _TimeConditioned(TDRMSNorm(c)), "token", note="one tau per sample"),
     LAYER_BASELINES["batchnorm2d"],
+    LayerCase("normlab EvoNormB0", EvoNormB0, "conv", baseline="batchnorm2d"),
+    LayerCase("normlab EvoNormB0 eval", EvoNormB0, "conv", baseline="batchnorm2d", train=False,
+              note="running variance; instance std still computed"),
+    LayerCase("normlab EvoNormS0", EvoNormS0, "conv", baseline="batchnorm2d", note="32 groups"),
+    LayerCase("normlab BatchChannelNorm2d", BatchChannelNorm2d, "conv", baseline="batchnorm2d",
+              note="estimated statistics (r = 0.01), 32 groups"),
+    LayerCase("normlab AlphaBatchNorm", AlphaBatchNorm, "conv", baseline="batchnorm2d", note="train mode = BatchNorm"),
+    LayerCase("normlab AlphaBatchNorm eval", AlphaBatchNorm, "conv", baseline="batchnorm2d", train=False,
+              note="alpha = 0.9 mix of running and test-batch statistics"),
+    LayerCase("normlab RegionNorm2d", lambda c: _Masked(RegionNorm2d(c)), "conv", baseline="batchnorm2d",
+              note="RN-B, one rectangular hole per sample"),
+    LayerCase("normlab LearnableRegionNorm2d", LearnableRegionNorm2d, "conv", baseline="batchnorm2d",
+              note="RN-L, kernel 7"),
+    LayerCase("normlab AdaB2N", partial(AdaB2N, num_tasks=2), "conv", baseline="batchnorm2d",
+              note="first task: plain batch statistics"),
+    LayerCase("normlab AdaB2N two tasks", _TwoTasks, "conv", baseline="batchnorm2d",
+              note="task-wise weighted statistics"),
 ]
 
 ATTENTION_CASES: list[AttentionCase] = [

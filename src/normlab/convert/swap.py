@@ -8,7 +8,7 @@ Architecture swaps (they change the model's function by design, carry over what 
 - :func:`to_gn_ws` / :func:`to_bcn_ws`: BatchNorm -> GroupNorm or Batch-Channel Norm, plus Weight
   Standardization on the convolution feeding each one (Qiao et al. 2019, arXiv:1903.10520).
 
-Equivalence conversion: :func:`to_alpha_bn` (alpha-BN, Jiang et al. 2021): at alpha = 1 the model
+Equivalence conversion: :func:`to_alpha_bn` (alpha-BN, You, Li and Zhao 2021, arXiv:2110.04065): at alpha = 1 the model
 computes exactly what it did in eval mode.
 
 Distributed statistics: :func:`sync_norms` makes every batch-statistics layer of a model reduce its
