@@ -63,9 +63,10 @@ def check_channel_input(x: torch.Tensor, num_features: int, layer: str, *, ndims
         raise ValueError(f"{layer} expected a non-empty batch, got input of shape {shape}")
 
 
-def check_values_per_channel(count: int, layer: str, shape: tuple[int, ...]) -> None:
+def check_values_per_channel(count: int, layer: str, shape: tuple[int, ...], when: str = "in training") -> None:
     """``ValueError`` when batch statistics would be taken over a single value per channel (their variance
-    is 0 and the output meaningless), as ``nn.BatchNorm2d`` raises. ``count`` is the global count."""
+    is 0 and the output meaningless), as ``nn.BatchNorm2d`` raises. ``count`` is the global count; ``when``
+    says when the layer takes statistics from its input."""
     if count <= 1 and not torch.compiler.is_compiling():
-        raise ValueError(f"{layer} needs more than one value per channel in training, got input of shape "
+        raise ValueError(f"{layer} needs more than one value per channel {when}, got input of shape "
                          f"{tuple(shape)}")

@@ -301,7 +301,7 @@ def _region_moments(x: torch.Tensor, mask: torch.Tensor, eps: float, stats: str,
     if not torch.compiler.is_compiling():
         per_statistic = x.shape[2] * x.shape[3] * (x.shape[0] if batch else 1)
         check_values_per_channel(int(counts.sum().item()) if distributed else per_statistic, layer,
-                                 tuple(x.shape))
+                                 tuple(x.shape), when="for its statistics (in training and eval)")
     total = counts.sum(0)  # positions per statistic (B*H*W over all ranks, or H*W)
     n = counts.clamp(min=1.0)
     d = xc - _region_select(mask, sums / n[..., None])
