@@ -11,7 +11,8 @@ other processes hits all of them alike. A row reports medians over rounds of
 - ``state_bytes`` (optimizer rows): the bytes of every tensor in ``optimizer.state`` after one step.
 
 Layer rows time forward + backward (``torch.autograd.grad`` of the output with a fixed random
-cotangent, with respect to the input and every parameter, in ``train()`` mode) at a token shape
+cotangent, with respect to the input and every parameter (unused ones, e.g. AdaB2N's task weights on its
+first task, get no gradient), in ``train()`` mode) at a token shape
 (8 x 256 x 768, float32) against ``torch.nn.LayerNorm`` and at a conv shape (16 x 64 x 32 x 32)
 against ``torch.nn.BatchNorm2d``. The baseline is always torch's eager layer; the compiled column
 compiles the candidate once (inductor), warms it up, then times it. Optimizer rows time
@@ -194,8 +195,8 @@ LAYER_CASES: list[LayerCase] = [
     LayerCase("normlab EvoNormB0 eval", EvoNormB0, "conv", baseline="batchnorm2d", train=False,
               note="running variance; instance std still computed"),
     LayerCase("normlab EvoNormS0", EvoNormS0, "conv", baseline="batchnorm2d", note="32 groups"),
-    LayerCase("normlab BatchChannelNorm2d", BatchChannelNorm2d, "conv", baseline="batchnorm2d",
-              note="estimated statistics (r = 0.01), 32 groups"),
+    LayerCase("normlab BatchChannelNorm2d", lambda c: BatchChannelNorm2d(c, num_groups=math.gcd(c, 32)), "conv",
+              baseline="batchnorm2d", note="estimated statistics (r = 0.01), 32 groups"),
     LayerCase("normlab AlphaBatchNorm", AlphaBatchNorm, "conv", baseline="batchnorm2d", note="train mode = BatchNorm"),
     LayerCase("normlab AlphaBatchNorm eval", AlphaBatchNorm, "conv", baseline="batchnorm2d", train=False,
               note="alpha = 0.9 mix of running and test-batch statistics"),
@@ -303,7 +304,7 @@ def setup_optimizer(case: OptimizerCase, quick: bool, seed: int = 0) -> tuple[to
 
 def _fwd_bwd(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
     inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
-    return lambda: torch.autograd.grad(module(x), inputs, dy)
+    return lambda: torch.autograd.grad(module(x), inputs, dy, allow_unused=True)
 
 
 def _attention_fwd_bwd(fn: Callable[..., torch.Tensor], qkv: tuple[torch.Tensor, ...], dy: torch.Tensor,
