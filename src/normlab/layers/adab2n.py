@@ -103,6 +103,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as NF
+from ._batchnorm import register_batchnorm_state
 from .._validation import check_channel_input, check_eps, check_values_per_channel
 from ..distributed import all_reduce_sum, is_distributed
 
@@ -153,17 +154,8 @@ class AdaB2N(nn.Module):
         self.momentum = None if momentum is None else float(momentum)
         self.eps, self.init_weight, self.affine = float(eps), float(init_weight), affine
         self.process_group = process_group
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.task_weight = nn.Parameter(torch.empty(num_tasks, **factory))
-        self.register_buffer("running_mean", torch.empty(num_features, **factory))
-        self.register_buffer("running_var", torch.empty(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        register_batchnorm_state(self, num_features, affine, device, dtype)
+        self.task_weight = nn.Parameter(torch.empty(num_tasks, device=device, dtype=dtype))
         self.register_buffer("cur_tasks", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("last_eta", torch.empty(1, dtype=torch.float64, device=device))
         self.loss: torch.Tensor | None = None

@@ -56,6 +56,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..functional import batch_var_mean, compute_dtype
+from ._batchnorm import register_batchnorm_state
 from .._validation import check_channel_input, check_eps, check_values_per_channel
 from ..distributed import all_reduce_sum, is_distributed
 
@@ -151,16 +152,7 @@ class AlphaBatchNorm(nn.Module):
         self.momentum = None if momentum is None else float(momentum)
         self.alpha = alpha
         self.process_group = process_group
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.empty(num_features, **factory))
-        self.register_buffer("running_var", torch.empty(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.empty((), dtype=torch.long, device=device))
+        register_batchnorm_state(self, num_features, affine, device, dtype)
         self.reset_parameters()
 
     @property

@@ -278,32 +278,29 @@ METRIC = "eval-mode test accuracy of a small CNN on the 540 digits test images a
 PROTOCOL = ("best lr per arm (norm, batch size) by seed-mean accuracy, lr in {1e-3, 3e-3}, seeds {0, 1, 2}, "
             "batch 4 for 2 epochs and batch 64 for 10 epochs; gaps paired by seed")
 
-SMALL_BATCH = register(Experiment(
-    id="bcn_ws.small_batch",
-    claim="Weight Standardization makes GroupNorm train well at micro-batch size (batch 4), BCN+WS matches "
-          "GN+WS there, and both lose nothing against BatchNorm at a normal batch size (64).",
-    baseline="GN+ReLU at batch 4; BN+ReLU at batch 64 (same CNN, data, optimiser, lr grid and seeds)",
-    metric=METRIC,
-    primary_metric="test_acc",
-    pass_rule=f"{PROTOCOL}; pass iff (1) batch 4: GN+WS >= GN + 0.5 points in at least 2 of 3 seeds, "
-              "(2) batch 4: mean BCN+WS >= mean GN+WS - 1 point, (3) batch 64: mean GN+WS and mean BCN+WS "
-              "each >= mean BN - 1.5 points",
-    grids=grids(GATE_ARMS),
-    run=run,
-    verdict=verdict_small_batch,
-    shared_key=shared_key,
-))
+def register_check(id: str, claim: str, baseline: str, pass_rule: str, quick_arms: tuple[str, ...],
+                   verdict) -> Experiment:
+    """Register one check over the shared runs (this module's and the evonorm checks): the common metric,
+    protocol, grids, run and shared key; ``pass_rule`` follows the protocol."""
+    return register(Experiment(id=id, claim=claim, baseline=baseline, metric=METRIC, primary_metric="test_acc",
+                               pass_rule=f"{PROTOCOL}; {pass_rule}", grids=grids(quick_arms), run=run,
+                               verdict=verdict, shared_key=shared_key))
 
-REPORT = register(Experiment(
-    id="bcn_ws.report",
-    claim="Report only: GroupNorm against BatchNorm at batch 64, and GN, GN+WS, BCN+WS against BatchNorm at "
-          "batch 4 (BN did not degrade at batch 4 on this data, so 'beats BN' is not testable here).",
-    baseline="BN+ReLU at the same batch size",
-    metric=METRIC,
-    primary_metric="test_acc",
-    pass_rule=f"{PROTOCOL}; report-only (the margins are not well outside the seed spread)",
-    grids=grids(REPORT_ARMS),
-    run=run,
-    verdict=verdict_report,
-    shared_key=shared_key,
-))
+
+SMALL_BATCH = register_check(
+    "bcn_ws.small_batch",
+    "Weight Standardization makes GroupNorm train well at micro-batch size (batch 4), BCN+WS matches "
+    "GN+WS there, and both lose nothing against BatchNorm at a normal batch size (64).",
+    "GN+ReLU at batch 4; BN+ReLU at batch 64 (same CNN, data, optimiser, lr grid and seeds)",
+    "pass iff (1) batch 4: GN+WS >= GN + 0.5 points in at least 2 of 3 seeds, "
+    "(2) batch 4: mean BCN+WS >= mean GN+WS - 1 point, (3) batch 64: mean GN+WS and mean BCN+WS "
+    "each >= mean BN - 1.5 points",
+    GATE_ARMS, verdict_small_batch)
+
+REPORT = register_check(
+    "bcn_ws.report",
+    "Report only: GroupNorm against BatchNorm at batch 64, and GN, GN+WS, BCN+WS against BatchNorm at "
+    "batch 4 (BN did not degrade at batch 4 on this data, so 'beats BN' is not testable here).",
+    "BN+ReLU at the same batch size",
+    "report-only (the margins are not well outside the seed spread)",
+    REPORT_ARMS, verdict_report)

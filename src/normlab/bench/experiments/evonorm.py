@@ -17,9 +17,8 @@ checked exactly in the layer's tests, not statistically.
 
 from __future__ import annotations
 
-from ..experiment import Experiment, Record, records_mode, register
-from .bcn_ws import (METRIC, PROTOCOL, best, describe_arm, describe_gap, grids, mean, mode_label, paired_gaps,
-                     parse_arm, run, shared_key)
+from ..experiment import Record, records_mode
+from .bcn_ws import best, describe_arm, describe_gap, mean, mode_label, paired_gaps, parse_arm, register_check
 
 S0_TOLERANCE = 1.5  # points: S0 >= GN - 1.5 at batch 64
 
@@ -51,30 +50,18 @@ def verdict_report(records: list[Record]) -> tuple[str, str]:
     return "report", (f"{mode_label(mode)}: {text}" if mode != "full" else f"report-only: {text}")
 
 
-S0_VS_GN = register(Experiment(
-    id="evonorm.s0_vs_gn",
-    claim="EvoNorm-S0, a batch-independent normalization-activation layer, trains a small CNN as well as the "
-          "GroupNorm + ReLU pair it replaces (batch 64).",
-    baseline="GN(8 groups) + ReLU at batch 64 (same CNN, data, optimiser, lr grid and seeds)",
-    metric=METRIC,
-    primary_metric="test_acc",
-    pass_rule=f"{PROTOCOL}; pass iff at batch 64 mean S0 >= mean GN+ReLU - 1.5 points",
-    grids=grids(GATE_ARMS),
-    run=run,
-    verdict=verdict_s0_vs_gn,
-    shared_key=shared_key,
-))
+S0_VS_GN = register_check(
+    "evonorm.s0_vs_gn",
+    "EvoNorm-S0, a batch-independent normalization-activation layer, trains a small CNN as well as the "
+    "GroupNorm + ReLU pair it replaces (batch 64).",
+    "GN(8 groups) + ReLU at batch 64 (same CNN, data, optimiser, lr grid and seeds)",
+    "pass iff at batch 64 mean S0 >= mean GN+ReLU - 1.5 points",
+    GATE_ARMS, verdict_s0_vs_gn)
 
-REPORT = register(Experiment(
-    id="evonorm.report",
-    claim="Report only: EvoNorm-S0 against GN + ReLU at batch 4, and EvoNorm-B0 against BN + ReLU at batch 64 "
-          "and batch 4.",
-    baseline="GN+ReLU (for S0) and BN+ReLU (for B0) at the same batch size",
-    metric=METRIC,
-    primary_metric="test_acc",
-    pass_rule=f"{PROTOCOL}; report-only (the margins to a 1.5-point tolerance are inside the seed spread)",
-    grids=grids(REPORT_ARMS),
-    run=run,
-    verdict=verdict_report,
-    shared_key=shared_key,
-))
+REPORT = register_check(
+    "evonorm.report",
+    "Report only: EvoNorm-S0 against GN + ReLU at batch 4, and EvoNorm-B0 against BN + ReLU at batch 64 "
+    "and batch 4.",
+    "GN+ReLU (for S0) and BN+ReLU (for B0) at the same batch size",
+    "report-only (the margins to a 1.5-point tolerance are inside the seed spread)",
+    REPORT_ARMS, verdict_report)
