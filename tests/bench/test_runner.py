@@ -202,3 +202,16 @@ def test_each_run_gets_the_experiments_thread_count_and_the_caller_keeps_its_own
         assert seen == [threads] * 8 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_report_shows_an_experiments_own_figures(tmp_path, monkeypatch):
+    def figures(records, plots):
+        assert {rec["arm"] for rec in records} == {"baseline", "method"}
+        (plots / "toy.map.png").write_bytes(b"png")
+        return ["toy.map.png"]
+
+    exp = dataclasses.replace(make_experiment("toy"), figures=figures)
+    monkeypatch.setitem(experiment_module._REGISTRY, "toy", exp)
+    run_experiments([exp], "quick", tmp_path, progress=False)
+    build_report(tmp_path)
+    assert "![toy.map.png](plots/toy.map.png)" in (tmp_path / "report.md").read_text()

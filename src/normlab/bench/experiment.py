@@ -47,7 +47,9 @@ class Experiment:
     measure in words, ``primary_metric`` is its key in the records' metrics (plotted per arm).
     ``threads`` is the intra-op thread count the runner gives each run: one by default, because the
     sheets calibrated their checks as single-thread runs of small models, and on two shared cores a
-    second thread mostly adds contention (runs were up to 10x slower under load)."""
+    second thread mostly adds contention (runs were up to 10x slower under load). ``figures(records,
+    plots_dir)``, when given, draws the experiment's own images (saliency maps, loss landscapes) into
+    ``plots_dir`` and returns their file names; the report shows them after the standard plots."""
 
     id: str
     claim: str
@@ -60,6 +62,7 @@ class Experiment:
     verdict: Callable[[list[Record]], tuple[str, str]]
     shared_key: Callable[[str, float | None, int, str], str | None] = field(default=lambda *a: None)
     threads: int = 1
+    figures: Callable[[list[Record], Any], list[str]] | None = None
 
     @property
     def slug(self) -> str:

@@ -105,6 +105,8 @@ def plot_experiment(exp: Experiment, records: Sequence[Record], plots: Path) -> 
         fig.savefig(plots / name, dpi=100)
         plt.close(fig)
         names.append(name)
+    if exp.figures is not None:
+        names += exp.figures(list(records), plots)
     return names
 
 
