@@ -6,7 +6,7 @@ conversions (``normlab.convert``), the factories :func:`create_norm` and :func:`
 the catalog (:func:`list_methods`).
 """
 
-from . import attention, convert, distributed, functional, optim, reparam, training
+from . import analysis, attention, convert, distributed, explain, functional, optim, reparam, training
 from .attention import NormAwareLinearAttention, linear_attention, nala_attention, nala_feature_maps
 from .catalog import MethodEntry, get_method, list_methods
 from .factory import create_norm, create_optimizer, norm_names, optimizer_names
@@ -25,8 +25,8 @@ __all__ = [
     "DiffGrad", "EvoNormB0", "EvoNormS0", "GradNormalizedGD", "GradRegNewton", "LayerNorm", "LayerNormLSTM",
     "LayerNormLSTMCell", "LearnableRegionNorm2d", "LogisticGDClassifier", "MethodEntry", "NormAwareLinearAttention",
     "PowerNorm", "RMSNorm", "RegionNorm2d", "SinkGD", "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter",
-    "UnifiedNorm", "WeightStandardization", "add_weight_standardization", "attention", "convert", "create_norm",
-    "create_optimizer", "distributed", "fit_separator", "functional", "get_method", "linear_attention",
+    "UnifiedNorm", "WeightStandardization", "add_weight_standardization", "analysis", "attention", "convert", "create_norm",
+    "create_optimizer", "distributed", "explain", "fit_separator", "functional", "get_method", "linear_attention",
     "list_methods", "nala_attention", "nala_feature_maps", "norm_names", "optim", "optimizer_names",
     "pairwise_class_correlation_loss", "reparam", "training", "weight_standardization",
 ]

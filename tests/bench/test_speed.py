@@ -29,7 +29,7 @@ def rows():
 def test_every_registered_row_is_present_with_the_expected_keys(rows):
     assert [r["name"] for r in rows] == [case.name for case in speed.all_cases()]
     for row in rows:
-        assert set(row) == LAYER_KEYS
+        assert set(row) == (LAYER_KEYS | {"hvps"} if row["kind"] == "hessian" else LAYER_KEYS)
         assert row["error"] is None, row
         assert row["threads"] == 2
 
@@ -46,7 +46,9 @@ def test_the_issue_rows_are_registered():
 
 def test_ratios_and_multiples_are_positive_and_finite(rows):
     for row in rows:
-        for key in TIMES:
+        timed = TIMES if row["kind"] != "hessian" else ("baseline_ms", "eager_ms", "copy_ms", "ratio_eager",
+                                                         "copy_x_eager")
+        for key in timed:
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["name"], key)
         assert row["rounds"] == speed.BUDGET["quick"][0]
 
@@ -170,3 +172,10 @@ def test_run_speed_restores_the_thread_count():
     before = torch.get_num_threads()
     run_speed(quick=True, cases=["torch nn.BatchNorm2d"], backend="aot_eager")
     assert torch.get_num_threads() == before
+
+
+def test_the_hessian_row_counts_hvps_to_the_top_eigenvalue(rows):
+    (row,) = [r for r in rows if r["kind"] == "hessian"]
+    assert row["shape"] == [64 * 8 + 8 + 8 * 10 + 10] and row["compiled_ms"] is None
+    assert set(row["hvps"]) == {"power", "lanczos"} and all(n >= 1 for n in row["hvps"].values())
+    assert "HVPs to the top eigenvalue within 1e-3: power" in format_table([row])

@@ -24,7 +24,10 @@ N = 512, 2048 and 8192 against ``torch.nn.functional.scaled_dot_product_attentio
 (causal rows against its ``is_causal=True``); their copy is a ``clone()`` of q. A case whose setup, eager
 run, compile or timing fails becomes a row with ``error`` set; the other rows still run.
 
-Adding a row is one line in ``LAYER_CASES``, ``ATTENTION_CASES`` or ``OPTIMIZER_CASES``;
+Hessian rows time one Hessian-vector product against one forward+backward of the same loss and count the
+HVPs power iteration and Lanczos need for the top eigenvalue (see :class:`HessianCase`).
+
+Adding a row is one line in ``LAYER_CASES``, ``ATTENTION_CASES``, ``OPTIMIZER_CASES`` or ``HESSIAN_CASES``;
 :func:`setup_layer`, :func:`setup_attention` and :func:`setup_optimizer` are the one setup function per
 case that speed and memory runs share (Liger-Kernel's benchmark layout). Timings never decide anything
 else in normlab: they are reported.
@@ -105,6 +108,18 @@ class AttentionCase:
     fn: Callable[..., torch.Tensor]
     seq_len: int
     causal: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class HessianCase:
+    """A Hessian row: the cross-entropy loss of an MLP ``64 -> hidden -> GELU -> 10`` on a batch of digits.
+    ``ratio_eager`` is the time of one Hessian-vector product (:class:`normlab.analysis.HessianOperator`)
+    as a multiple of one forward+backward of the same loss; ``hvps`` counts the HVPs that power iteration
+    and Lanczos need to bring the top eigenvalue within 1e-3 (relative) of a converged reference."""
+
+    name: str
+    hidden: int = 128
     note: str = ""
 
 
@@ -210,6 +225,10 @@ LAYER_CASES: list[LayerCase] = [
               note="task-wise weighted statistics"),
 ]
 
+HESSIAN_CASES: list[HessianCase] = [
+    HessianCase("normlab HVP and top eigenvalue (MLP 64-128-10, 500 digits)"),
+]
+
 ATTENTION_CASES: list[AttentionCase] = [
     *(AttentionCase(f"normlab nala_attention N={n}", nala_attention, n) for n in (512, 2048, 8192)),
     AttentionCase("normlab nala_attention causal N=2048", nala_attention, 2048, causal=True,
@@ -246,8 +265,8 @@ Case = LayerCase | AttentionCase | OptimizerCase
 
 
 def all_cases() -> list[Case]:
-    """The registered rows: layers, attention, optimizers."""
-    return [*LAYER_CASES, *ATTENTION_CASES, *OPTIMIZER_CASES]
+    """The registered rows: layers, attention, optimizers, Hessian."""
+    return [*LAYER_CASES, *ATTENTION_CASES, *OPTIMIZER_CASES, *HESSIAN_CASES]
 
 
 def _mode(quick: bool) -> str:
@@ -460,6 +479,43 @@ def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "
     return row
 
 
+def setup_hessian(case: HessianCase, quick: bool, seed: int = 0):
+    """``(operator, loss_and_grad, params)``: the Hessian operator of the case's loss, a function computing
+    one forward+backward of it, and the parameters."""
+    from ..analysis.hessian import HessianOperator
+    from .tasks import digits
+
+    torch.manual_seed(seed)
+    hidden, n = (8, 64) if quick else (case.hidden, 500)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.GELU(), nn.Linear(hidden, 10))
+    x, y = digits("train", test_fraction=0.3, seed=0)
+    batch = (x[:n].flatten(1), y[:n])
+    params = list(model.parameters())
+    op = HessianOperator(model, F.cross_entropy, batch)
+    return op, lambda: torch.autograd.grad(F.cross_entropy(model(batch[0]), batch[1]), params), params
+
+
+def time_hessian(case: HessianCase, quick: bool, backend: str | Callable = "inductor") -> dict:
+    """One Hessian row (``backend`` is unused: HVPs are timed eager)."""
+    from ..analysis.hessian import hvps_to_accuracy
+
+    row = _row("hessian", case.name, "forward+backward of the loss", (), case.note)
+    row["hvps"] = None
+    rounds, min_run_time = BUDGET[_mode(quick)]
+    try:
+        op, fwd_bwd, params = setup_hessian(case, quick)
+        row["shape"] = [op.numel]
+        v = [torch.randn_like(p) for p in params]
+        fns = {"baseline": fwd_bwd, "eager": lambda: op.hvp(v), "copy": lambda: [p.detach().clone() for p in params]}
+        gen = torch.Generator().manual_seed(0)
+        row["hvps"] = {method: hvps_to_accuracy(op, method, 1e-3, generator=gen) for method in ("power", "lanczos")}
+    except Exception as exc:  # noqa: BLE001 -- a broken case is reported as an error row
+        row["error"] = _error(exc)
+        return row
+    _time_row(row, fns, False, rounds, min_run_time)
+    return row
+
+
 def run_speed(quick: bool, cases: Sequence[Case | str] | None = None, *,
               backend: str | Callable = "inductor", progress: bool = False) -> list[dict]:
     """Time ``cases`` (default: every registered row; a string selects rows by name) and return one
@@ -483,7 +539,8 @@ def run_speed(quick: bool, cases: Sequence[Case | str] | None = None, *,
         rows = []
         for case in iterator:
             timer = (time_layer if isinstance(case, LayerCase) else
-                     time_attention if isinstance(case, AttentionCase) else time_optimizer)
+                     time_attention if isinstance(case, AttentionCase) else
+                     time_hessian if isinstance(case, HessianCase) else time_optimizer)
             rows.append(timer(case, quick, backend))
         return rows
 
@@ -499,7 +556,8 @@ def format_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         state = None if r["state_bytes"] is None else r["state_bytes"] / 2**20
-        shape = "x".join(map(str, r["shape"])) if r["kind"] != "optimizer" else f"{r['shape'][0] / 1e6:.1f}M params"
+        shape = ("x".join(map(str, r["shape"])) if r["kind"] not in ("optimizer", "hessian") else
+                 f"{r['shape'][0] / 1e6:.2f}M params" if r["shape"] else "-")
         lines.append((r["name"], shape, r["baseline"], _fmt(r["ratio_eager"], ".2f") + "x",
                       _fmt(r["ratio_compiled"], ".2f") + "x", _fmt(r["copy_x_eager"], ".1f"),
                       _fmt(r["copy_x_compiled"], ".1f"), _fmt(r["eager_ms"], ".3f"), _fmt(r["baseline_ms"], ".3f"),
@@ -520,6 +578,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         if r["note"]:
             out.append(f"{r['name']}: {r['note']}")
+        if r.get("hvps"):
+            out.append(f"{r['name']}: HVPs to the top eigenvalue within 1e-3: "
+                       + ", ".join(f"{method} {count}" for method, count in r["hvps"].items()))
         if r["error"]:
             out.append(f"{r['name']}: ERROR {r['error']}")
     return "\n".join(out)

@@ -2,6 +2,7 @@
 
 - :func:`char_corpus`: the Python standard library's own ``.py`` sources as a character stream.
 - :func:`digits` / :func:`corrupt_digits`: scikit-learn's 8x8 digits with generated noise, shifts, masks.
+- :class:`SaliencyCNN` / :func:`train_saliency_cnn`: the trained digits CNN the saliency checks explain.
 - :class:`DigitsCNN`: the small CNN of the batch-statistics checks, with swappable norm+activation slots.
 - :class:`TinyTransformer`: a small nanoGPT-style transformer with swappable norm slots, Pre- or Post-LN.
 """
@@ -381,3 +382,63 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+# Saliency checks (normgrad.md, cf_cam.md): one small trained CNN on the digits, shared by both sheets.
+
+SALIENCY_SPLITS = {"train": (0, 1400), "val": (1400, 1500), "test": (1500, 1600), "heldout": (1400, 1797)}
+
+
+class SaliencyCNN(nn.Module):
+    """conv 3x3 (1->16, p1) -> ReLU -> conv 3x3 (16->32, p1) -> ReLU -> global average pool -> Linear(32->10),
+    the CNN of the NormGrad and CF-CAM claim checks. The ReLUs are modules of their own (``relu1``,
+    ``relu2``), not in place, so that the tensor the pooling reads (``relu2``'s output, 8x8 on the digits)
+    can be hooked; PyTorch's default initialisation."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def saliency_digits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """All 1,797 digits ((N, 1, 8, 8) in [0, 1], labels) permuted by ``seed`` and cut as the saliency sheets
+    say: ``train`` = the first 1,400, ``val`` = the next 100, ``test`` = the 100 after those, ``heldout`` =
+    all 397 after the first 1,400 (so ``heldout[:100]`` is ``val``: CF-CAM's "first 100 held-out images")."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return {name: (x[perm[lo:hi]], y[perm[lo:hi]]) for name, (lo, hi) in SALIENCY_SPLITS.items()}
+
+
+def train_saliency_cnn(seed: int, epochs: int = 15, *, batch_size: int = 64, lr: float = 3e-3
+                       ) -> tuple[SaliencyCNN, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A :class:`SaliencyCNN` trained on ``saliency_digits(seed)["train"]`` with Adam (lr 3e-3), batch 64,
+    ``epochs`` epochs, a fresh shuffle per epoch; returned in eval mode with the splits. Initialisation and
+    shuffles come from ``seed`` only (the global RNG is forked, so the caller's stream is untouched)."""
+    splits = saliency_digits(seed)
+    x, y = splits["train"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SaliencyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(batch_size):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval(), splits
