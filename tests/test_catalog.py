@@ -29,7 +29,8 @@ def test_objects_exist_and_experiments_are_registered():
         for name in entry.objects:
             assert any(hasattr(module, name) for module in (normlab, normlab.convert, normlab.optim,
                                                             normlab.attention, normlab.layers, normlab.functional,
-                                                            normlab.analysis, normlab.explain)
+                                                            normlab.analysis, normlab.explain, normlab.reparam,
+                                                            normlab.training)
                        ), f"{entry.slug}: {name}"
         for exp in entry.experiments:
             assert exp in registered, f"{entry.slug}: experiment {exp} not registered"

@@ -50,7 +50,8 @@ def _object_modules(names: Sequence[str]) -> list:
 
     modules = []
     for name in names:
-        packages = (normlab, normlab.convert, normlab.layers, normlab.functional, normlab.analysis, normlab.explain)
+        packages = (normlab, normlab.convert, normlab.layers, normlab.functional, normlab.analysis, normlab.explain,
+                    normlab.reparam, normlab.training)
         obj = next((getattr(m, name) for m in packages if hasattr(m, name)), None)
         module = inspect.getmodule(obj) if obj is not None else None
         if module is not None and module not in modules:
