@@ -110,6 +110,26 @@ def plot_experiment(exp: Experiment, records: Sequence[Record], plots: Path) -> 
     return names
 
 
+def image_grid(columns: Sequence[tuple[str, Any]], path: Path, cell: float = 1.6) -> None:
+    """One PNG of titled columns of ``(N, 1, H, W)`` images in [0, 1], one row per image: the first column in
+    gray (the input), the others with the ``jet`` map (saliency maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(columns[0][1])
+    fig, axes = plt.subplots(rows, len(columns), figsize=(cell * len(columns), cell * rows), squeeze=False)
+    for col, (title, images) in enumerate(columns):
+        axes[0, col].set_title(title, fontsize=7)
+        for row in range(rows):
+            axes[row, col].imshow(images[row, 0].numpy(), cmap="gray" if col == 0 else "jet", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell."""
     return text.replace("|", "\\|").replace("\n", " ")

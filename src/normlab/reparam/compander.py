@@ -65,6 +65,7 @@ from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _get_va
 
 from .. import functional as NF
 from ..optim._common import check_betas, check_nonnegative, grads_of
+from ._common import parametrized_tensor
 
 __all__ = [
     "CompanderAdam", "WeightCompander", "add_weight_compander", "compander_adam", "compander_param_groups",
@@ -186,12 +187,7 @@ def _named_companders(model: nn.Module) -> list[tuple[str, nn.Module, str, Weigh
 
 def _check_module(module: nn.Module, name: str, compander: WeightCompander, where: str = "") -> None:
     """The errors :func:`weight_compander` raises, before anything changes."""
-    param = getattr(module, name, None)
-    if not isinstance(param, torch.Tensor):
-        raise ValueError(f"{type(module).__name__}{where} has no tensor named {name!r}")
-    if isinstance(param, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{type(module).__name__}{where}: {name!r} is not initialized yet (lazy module); run a "
-                         f"forward first")
+    param = parametrized_tensor(module, name, where)
     if not param.is_floating_point():
         raise TypeError(f"{type(module).__name__}{where}: {name!r} must be a floating-point tensor, got {param.dtype}")
     if any(n == name for n, _ in _companders(module)):

@@ -55,6 +55,7 @@ from torch.nn.utils import parametrize
 
 from .. import functional as NF
 from .._validation import check_eps
+from ._common import parametrized_tensor
 
 __all__ = ["WeightStandardization", "add_weight_standardization", "weight_standardization"]
 
@@ -111,12 +112,7 @@ def _check_module(module: nn.Module, name: str, where: str = "") -> None:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         raise TypeError(f"weight standardization standardizes output rows (dim 0); a transposed conv{where} "
                         f"stores its input channels in dim 0: not supported")
-    param = getattr(module, name, None)
-    if not isinstance(param, torch.Tensor):
-        raise ValueError(f"{type(module).__name__}{where} has no tensor named {name!r}")
-    if isinstance(param, nn.parameter.UninitializedParameter):
-        raise ValueError(f"{type(module).__name__}{where}: {name!r} is not initialized yet (lazy module); run a "
-                         f"forward first")
+    param = parametrized_tensor(module, name, where)
     if param.dim() < 2:
         raise ValueError(f"weight standardization needs a weight with at least 2 dims (out, fan-in...), "
                          f"got {name!r} of shape {tuple(param.shape)}{where}")

@@ -39,6 +39,7 @@ from ...explain._capture import LayerCapture, upsample
 from ...explain.cf_cam import CFCAM
 from ...explain.gradcam import GradCAM, gradcam_raw, scale_cam
 from ...explain.metrics import class_sensitivity, deletion_insertion_curves, pearson
+from ..report import image_grid
 from ..experiment import Experiment, Grid, Record, records_mode, register
 from ..tasks import train_saliency_cnn
 
@@ -188,11 +189,6 @@ def verdict_robustness(records: list[Record]) -> tuple[str, str]:
 def figures(records: Sequence[Record], plots: Path) -> list[str]:
     """``cf_cam.maps.png`` in ``plots``: for the first 6 images of the lowest seed in ``records``, the digit
     and the Grad-CAM and CF-CAM maps for the max- and the min-logit class (CF-CAM's two maps look alike)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     mode = records[0]["mode"]
     model, x, _ = _setup(min(r["seed"] for r in records), mode)
     x = x[:6]
@@ -203,16 +199,8 @@ def figures(records: Sequence[Record], plots: Path) -> list[str]:
     for arm, title in (("grad_cam", "Grad-CAM"), ("cf_cam", "CF-CAM")):
         explain = _explainer(arm, model)
         columns += [(f"{title}\nmax-logit class", explain(x, top)), (f"{title}\nmin-logit class", explain(x, bottom))]
-    fig, axes = plt.subplots(len(x), len(columns), figsize=(1.6 * len(columns), 1.6 * len(x)), squeeze=False)
-    for col, (title, images) in enumerate(columns):
-        axes[0, col].set_title(title, fontsize=7)
-        for row in range(len(x)):
-            axes[row, col].imshow(images[row, 0].numpy(), cmap="gray" if col == 0 else "jet", vmin=0, vmax=1)
-            axes[row, col].axis("off")
-    fig.tight_layout()
     name = "cf_cam.maps.png"
-    fig.savefig(Path(plots) / name, dpi=100)
-    plt.close(fig)
+    image_grid(columns, Path(plots) / name)
     return [name]
 
 

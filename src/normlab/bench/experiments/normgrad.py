@@ -36,6 +36,7 @@ import torch
 from ...explain.gradcam import GradCAM
 from ...explain.metrics import class_sensitivity, deletion_insertion_curves
 from ...explain.normgrad import NormGrad, meta_saliency
+from ..report import image_grid
 from ..experiment import Experiment, Grid, Record, records_by_arm, records_mode, register
 from ..tasks import train_saliency_cnn
 
@@ -169,11 +170,6 @@ def figures(records: Sequence[Record], plots: Path) -> list[str]:
     """``normgrad.maps.png`` in ``plots``: for the first 6 test images of the lowest seed in ``records``, the
     digit and the maps for the max- and the min-logit class of plain NormGrad (identical by construction),
     meta-saliency NormGrad at that seed's tuned lr, and Grad-CAM."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seed = min(r["seed"] for r in records)
     lr = _tuned_lr(records, seed)
     model, _, x, _ = _setup(seed, records[0]["mode"])
@@ -187,16 +183,8 @@ def figures(records: Sequence[Record], plots: Path) -> list[str]:
     for title, explain in explainers:
         columns += [(f"{title}\nmax-logit class", explain(x, logits.argmax(dim=1))),
                     (f"{title}\nmin-logit class", explain(x, logits.argmin(dim=1)))]
-    fig, axes = plt.subplots(len(x), len(columns), figsize=(1.5 * len(columns), 1.5 * len(x)), squeeze=False)
-    for col, (title, images) in enumerate(columns):
-        axes[0, col].set_title(title, fontsize=6)
-        for row in range(len(x)):
-            axes[row, col].imshow(images[row, 0].numpy(), cmap="gray" if col == 0 else "jet", vmin=0, vmax=1)
-            axes[row, col].axis("off")
-    fig.tight_layout()
     name = "normgrad.maps.png"
-    fig.savefig(Path(plots) / name, dpi=100)
-    plt.close(fig)
+    image_grid(columns, Path(plots) / name)
     return [name]
 
 
