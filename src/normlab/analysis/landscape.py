@@ -60,7 +60,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .hessian import HessianOperator, _batches, _weighted_batches, eval_mode
+from .._model_state import eval_mode
+from .hessian import HessianOperator, _batches, _weighted_batches
 
 NORMALIZATIONS = ("filter", "layer", "model", "weight", None)
 PLOT_KINDS = ("contour", "surface", "both")

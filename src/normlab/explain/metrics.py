@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capture import at_least_float32, check_images, eval_mode, select_target
+from .._model_state import eval_mode
+from ._capture import at_least_float32, check_images, select_target
 
 SaliencyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capture import (LayerCapture, LayerSpec, at_least_float32, check_images, eval_mode, normalize_minmax,
+from .._model_state import eval_mode
+from ._capture import (LayerCapture, LayerSpec, at_least_float32, check_images, normalize_minmax,
                        resolve_layers, select_target, upsample)
 
 PHASE1 = ("conv1x1", "conv3x3", "conv3x3_depthwise", "scaling", "bias")

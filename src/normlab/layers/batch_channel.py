@@ -163,11 +163,8 @@ class BatchChannelNorm2d(nn.Module):
     def _estimate_step(self, x: torch.Tensor) -> None:
         """One training update of the estimates from the batch (no gradient)."""
         with torch.no_grad():
-            if is_distributed(self.process_group):
-                var, mean, _ = NF.batch_var_mean(x, _DIMS, process_group=self.process_group)
-                mean, var = mean.view(-1), var.view(-1)
-            else:  # one ATen pass (Welford); var_mean over dims (0, 2, 3) is several times slower
-                mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            var, mean, _ = NF.batch_var_mean(x, _DIMS, process_group=self.process_group)
+            mean, var = mean.view(-1), var.view(-1)
             old = self.running_mean.to(mean.dtype)
             if self.center_var_on == "estimate":
                 var = var + (mean - old).square()

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ...analysis.hessian import HessianOperator, eval_mode, exact_hessian, hessian_criteria, spectral_density
+from ..._model_state import eval_mode
+from ...analysis.hessian import HessianOperator, exact_hessian, hessian_criteria, spectral_density
 from ...analysis.landscape import loss_surface, plot_surface
 from ..experiment import Experiment, Grid, Record, records_mode, register
 from ..tasks import digits
