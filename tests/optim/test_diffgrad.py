@@ -369,6 +369,15 @@ def test_invalid_hyperparameters(kwargs, message):
         DiffGrad([nn.Parameter(torch.zeros(2))], **kwargs)
 
 
+def test_added_param_group_is_checked_and_dropped_on_error():
+    opt = DiffGrad([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="Invalid lr: -1.0"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "lr": -1.0})
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.5"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "betas": (0.9, 1.5)})
+    assert len(opt.param_groups) == 1
+
+
 def test_sparse_gradients_raise():
     emb = nn.Embedding(10, 3, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _get_value
 
-from ._common import check_betas, check_nonnegative, grads_of
+from ._common import CheckedGroups, check_betas, check_nonnegative, grads_of
 
 __all__ = ["DiffGrad", "diffgrad", "friction"]
 
@@ -76,7 +76,7 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
 
-class DiffGrad(Optimizer):
+class DiffGrad(CheckedGroups):
     """diffGrad (the official ``diffGrad_v2.py`` algorithm); see the module docstring for the update rule.
 
     Args:
@@ -92,13 +92,16 @@ class DiffGrad(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None) -> None:
-        check_nonnegative("lr", lr)
-        check_nonnegative("eps", eps)
-        check_betas(betas)
-        check_nonnegative("weight_decay", weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, foreach=foreach)
+        self._check_group(defaults)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        for name in ("lr", "eps", "weight_decay"):
+            check_nonnegative(name, group[name])
+        check_betas(group["betas"])
 
     def _init_group(self, group: dict, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], previous_grads: list[Tensor], steps: list[Tensor]) -> None:
