@@ -14,19 +14,21 @@ from .layers import (AdaB2N, AdaLayerNorm, AlphaBatchNorm, BatchChannelNorm2d, C
                      LayerNorm, LayerNormLSTM, LayerNormLSTMCell, LearnableRegionNorm2d, PowerNorm, RegionNorm2d,
                      RMSNorm, TDLayerNorm, TDRMSNorm, TimeDependentParameter, UnifiedNorm)
 from .reparam import WeightStandardization, add_weight_standardization, weight_standardization
-from .training import Core, pairwise_class_correlation_loss
+from .training import AdaptiveGuidance, Core, FedTiny, LinearAG, TruncatedGuidance, pairwise_class_correlation_loss
 from .optim import (SGDP, SWAN, AdamP, DiffGrad, GradNormalizedGD, GradRegNewton, LogisticGDClassifier, SinkGD,
-                    fit_separator)
+                    SubspaceDenoiser, ZOAdam, fit_separator, partial_uniform_timesteps)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGDP", "SWAN", "AdaB2N", "AdaLayerNorm", "AdamP", "AlphaBatchNorm", "BatchChannelNorm2d", "CRMSNorm", "Core",
-    "DiffGrad", "EvoNormB0", "EvoNormS0", "GradNormalizedGD", "GradRegNewton", "LayerNorm", "LayerNormLSTM",
-    "LayerNormLSTMCell", "LearnableRegionNorm2d", "LogisticGDClassifier", "MethodEntry", "NormAwareLinearAttention",
-    "PowerNorm", "RMSNorm", "RegionNorm2d", "SinkGD", "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter",
-    "UnifiedNorm", "WeightStandardization", "add_weight_standardization", "analysis", "attention", "convert", "create_norm",
-    "create_optimizer", "distributed", "explain", "fit_separator", "functional", "get_method", "linear_attention",
-    "list_methods", "nala_attention", "nala_feature_maps", "norm_names", "optim", "optimizer_names",
-    "pairwise_class_correlation_loss", "reparam", "training", "weight_standardization",
+    "AdaB2N", "AdaLayerNorm", "AdamP", "AdaptiveGuidance", "AlphaBatchNorm", "BatchChannelNorm2d", "CRMSNorm",
+    "Core", "DiffGrad", "EvoNormB0", "EvoNormS0", "FedTiny", "GradNormalizedGD", "GradRegNewton", "LayerNorm",
+    "LayerNormLSTM", "LayerNormLSTMCell", "LearnableRegionNorm2d", "LinearAG", "LogisticGDClassifier",
+    "MethodEntry", "NormAwareLinearAttention", "PowerNorm", "RMSNorm", "RegionNorm2d", "SGDP", "SWAN", "SinkGD",
+    "SubspaceDenoiser", "TDLayerNorm", "TDRMSNorm", "TimeDependentParameter", "TruncatedGuidance", "UnifiedNorm",
+    "WeightStandardization", "ZOAdam", "add_weight_standardization", "analysis", "attention", "convert",
+    "create_norm", "create_optimizer", "distributed", "explain", "fit_separator", "functional", "get_method",
+    "linear_attention", "list_methods", "nala_attention", "nala_feature_maps", "norm_names", "optim",
+    "optimizer_names", "pairwise_class_correlation_loss", "partial_uniform_timesteps", "reparam", "training",
+    "weight_standardization",
 ]

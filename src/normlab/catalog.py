@@ -112,7 +112,8 @@ CATALOG: tuple[MethodEntry, ...] = (
                          "add_weight_standardization", "to_gn_ws", "to_bcn_ws"),
                 experiments=("bcn_ws.small_batch", "bcn_ws.report"), status="verified"),
     MethodEntry("zo_subspace", "Efficient Personalization of Quantized Diffusion Model without Backpropagation",
-                2024, ("optimizer", "training")),
+                2024, ("optimizer", "training"), objects=("ZOAdam", "SubspaceDenoiser", "partial_uniform_timesteps"),
+                experiments=("zo_subspace.training", "zo_subspace.subspace", "zo_subspace.memory"), status="verified"),
     MethodEntry("normalized_lrgd", "From Logistic Regression to the Perceptron Algorithm: Exploring Gradient "
                 "Descent with Large Step Sizes", 2024, ("optimizer",),
                 objects=("fit_separator", "LogisticGDClassifier"), experiments=("normalized_lrgd",),
@@ -123,9 +124,11 @@ CATALOG: tuple[MethodEntry, ...] = (
                          "compander_weight_decay", "compander_param_groups", "CompanderAdam"),
                 experiments=("weight_compander.no_harm", "weight_compander.controls"), status="verified"),
     MethodEntry("fedtiny", "Distributed Pruning Towards Tiny Neural Networks in Federated Learning", 2022,
-                ("training",)),
+                ("training",), objects=("FedTiny", "adaptive_bn_selection", "prune_and_grow", "erk_densities"),
+                experiments=("fedtiny", "fedtiny.report"), status="verified"),
     MethodEntry("adaptive_guidance", "Adaptive Guidance: Training-free Acceleration of Conditional Diffusion "
-                "Models", 2023, ("training",)),
+                "Models", 2023, ("training",), objects=("AdaptiveGuidance", "LinearAG", "TruncatedGuidance", "ddpm_sample"),
+                experiments=("adaptive_guidance.x0", "adaptive_guidance.eps"), status="verified"),
     MethodEntry("td_layernorm", "Alleviating Distortion in Image Generation via Multi-Resolution Diffusion Models "
                 "and Time-Dependent Layer Normalization", 2024, ("layer",),
                 objects=("TDLayerNorm", "TDRMSNorm", "AdaLayerNorm", "TimeDependentParameter"),

@@ -47,6 +47,7 @@ _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sinkgd": optim.SinkGD,
     "gradregnewton": optim.GradRegNewton,
     "gradnormalizedgd": optim.GradNormalizedGD,
+    "zoadam": optim.ZOAdam,
 }
 
 

@@ -5,6 +5,9 @@
 - :class:`SaliencyCNN` / :func:`train_saliency_cnn`: the trained digits CNN the saliency checks explain.
 - :class:`DigitsCNN`: the small CNN of the batch-statistics checks, with swappable norm+activation slots.
 - :class:`TinyTransformer`: a small nanoGPT-style transformer with swappable norm slots, Pre- or Post-LN.
+- :class:`DigitsDenoiser` / :func:`train_digits_ddpm`: a tiny class-conditional epsilon-prediction DDPM on the
+  digits (label :data:`DIGITS_NULL_LABEL` is the unconditional one of classifier-free guidance), and
+  :func:`digits_classifier_predict`, the digit classifier that scores its samples.
 """
 
 from __future__ import annotations
@@ -442,3 +445,81 @@ def train_saliency_cnn(seed: int, epochs: int = 15, *, batch_size: int = 64, lr:
             opt.step()
     opt.zero_grad(set_to_none=True)
     return model.eval(), splits
+
+
+# Class-conditional DDPM on the digits (adaptive_guidance.md): data, denoiser, training, digit classifier.
+
+DIGITS_NULL_LABEL = 10  # the "no label" class of classifier-free guidance
+
+
+def digits_pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as flat 64-d float32 vectors ``pixels / 8 - 1`` in [-1, 1], and labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (torch.tensor(data.data / 8.0 - 1.0, dtype=torch.float32),
+            torch.tensor(data.target, dtype=torch.long))
+
+
+class DigitsDenoiser(nn.Module):
+    """The epsilon-prediction MLP of the adaptive-guidance check: ``e = label_emb(c) + time_emb(n - 1)``
+    (both 128-d; 11 labels, the last one the null label; one learned vector per step ``n = 1..num_steps``),
+    then ``[x_n, e]`` (192-d) -> 256 -> 256 -> 64 with SiLU. ``forward(x, n, labels)``: ``x`` (B, 64),
+    ``n`` int64 (B,) steps, ``labels`` int64 (B,) in 0..10 (or one int for the whole batch)."""
+
+    def __init__(self, num_steps: int = 100, dim: int = 64, emb: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.label_emb = nn.Embedding(DIGITS_NULL_LABEL + 1, emb)
+        self.time_emb = nn.Embedding(num_steps, emb)
+        self.net = nn.Sequential(nn.Linear(dim + emb, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, n: torch.Tensor, labels: torch.Tensor | int) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long, device=x.device).expand(x.shape[0])
+        e = self.label_emb(labels) + self.time_emb(n.to(x.device) - 1)
+        return self.net(torch.cat([x, e], 1))
+
+
+def train_digits_ddpm(seed: int, steps: int = 2500, *, num_steps: int = 100, batch_size: int = 256,
+                      lr: float = 1e-3, label_dropout: float = 0.2
+                      ) -> tuple[DigitsDenoiser, DDPMSchedule]:
+    """A :class:`DigitsDenoiser` trained on :func:`digits_pixels` with the epsilon loss of DDPM (linear betas
+    1e-4..0.05 over ``num_steps``): each Adam step (lr 1e-3) draws ``batch_size`` digits with replacement,
+    uniform steps and noise, and replaces each label by the null label with probability ``label_dropout``.
+    Everything comes from ``seed`` (the global RNG is forked). Returned in eval mode with its schedule."""
+    x, y = digits_pixels()
+    schedule = DDPMSchedule(num_steps, 1e-4, 0.05)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitsDenoiser(num_steps)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
+        n = schedule.sample_steps(batch_size, gen)
+        noise = torch.randn(batch_size, x.shape[1], generator=gen)
+        drop = torch.rand(batch_size, generator=gen) < label_dropout
+        labels = torch.where(drop, DIGITS_NULL_LABEL, y[idx])
+        loss = F.mse_loss(model(schedule.q_sample(x[idx], n, noise), n, labels), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval(), schedule
+
+
+@lru_cache(maxsize=1)
+def _digits_logreg():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = digits_pixels()
+    return LogisticRegression(max_iter=5000).fit(x.numpy(), y.numpy())
+
+
+def digits_classifier_predict(x: torch.Tensor) -> torch.Tensor:
+    """Labels predicted for flat 64-d images in the :func:`digits_pixels` scaling by a scikit-learn
+    ``LogisticRegression(max_iter=5000)`` fitted once on all 1,797 real digits (the quality judge of
+    generated digits)."""
+    if x.dim() != 2 or x.shape[1] != 64:
+        raise ValueError(f"expected images of shape (N, 64), got {tuple(x.shape)}")
+    return torch.as_tensor(_digits_logreg().predict(x.detach().double().numpy()), dtype=torch.long)
