@@ -179,3 +179,17 @@ def test_the_hessian_row_counts_hvps_to_the_top_eigenvalue(rows):
     assert row["shape"] == [64 * 8 + 8 + 8 * 10 + 10] and row["compiled_ms"] is None
     assert set(row["hvps"]) == {"power", "lanczos"} and all(n >= 1 for n in row["hvps"].values())
     assert "HVPs to the top eigenvalue within 1e-3: power" in format_table([row])
+
+
+def test_a_zeroth_order_row_steps_through_its_closure(rows):
+    """ZOAdam's row passes the case's closure to every step: two float32 moments of every parameter (int step)."""
+    case = next(c for c in speed.OPTIMIZER_CASES if c.name == "normlab ZOAdam")
+    assert case.make_closure is not None
+    params = list(speed.mlp(quick=True).parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    row = next(r for r in rows if r["name"] == case.name)
+    assert row["error"] is None and row["state_bytes"] == 2 * param_bytes
+    opt, params = speed.setup_optimizer(case, quick=True)
+    before = [p.detach().clone() for p in params]
+    speed.optimizer_step(case, opt, params)()
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))

@@ -16,9 +16,9 @@ first task, get no gradient), in ``train()`` mode) at a token shape
 (8 x 256 x 768, float32) against ``torch.nn.LayerNorm`` and at a conv shape (16 x 64 x 32 x 32)
 against ``torch.nn.BatchNorm2d``. The baseline is always torch's eager layer; the compiled column
 compiles the candidate once (inductor), warms it up, then times it. Optimizer rows time
-``optimizer.step()`` on a ~10M-parameter MLP (fixed random gradients) against
-``torch.optim.AdamW(foreach=True)``; their copy is a ``clone()`` of every parameter and their compiled
-column compiles ``step``. Attention rows time forward + backward (``torch.autograd.grad`` with respect to
+``optimizer.step()`` (``step(closure)`` for zeroth-order ones) on a ~10M-parameter MLP (fixed random
+gradients) against ``torch.optim.AdamW(foreach=True)``; their copy is a ``clone()`` of every parameter
+and their compiled column compiles ``step``. Attention rows time forward + backward (``torch.autograd.grad`` with respect to
 q, k and v) of an attention function on ``(B, heads, N, d) = (1, 4, N, 32)`` float32 inputs at
 N = 512, 2048 and 8192 against ``torch.nn.functional.scaled_dot_product_attention`` at the same shape
 (causal rows against its ``is_causal=True``); their copy is a ``clone()`` of q. A case whose setup, eager
@@ -51,7 +51,7 @@ from ..attention import linear_attention, nala_attention
 from ..layers import (AdaB2N, AlphaBatchNorm, BatchChannelNorm2d, CRMSNorm, EvoNormB0, EvoNormS0, LayerNorm,
                       LearnableRegionNorm2d, PowerNorm, RegionNorm2d, RMSNorm, TDLayerNorm, TDRMSNorm, UnifiedNorm,
                       end_task, set_task_counts)
-from ..optim import SGDP, SWAN, AdamP, DiffGrad, SinkGD, optimizer_state_bytes
+from ..optim import SGDP, SWAN, AdamP, DiffGrad, SinkGD, ZOAdam, optimizer_state_bytes
 from .experiment import intra_op_threads
 
 NUM_THREADS = 2
@@ -91,12 +91,15 @@ class LayerCase:
 
 @dataclass(frozen=True)
 class OptimizerCase:
-    """An optimizer row: ``make_optimizer(params)`` stepped on the MLP, timed against AdamW(foreach)."""
+    """An optimizer row: ``make_optimizer(params)`` stepped on the MLP, timed against AdamW(foreach).
+    ``make_closure(params)``, for optimizers that evaluate the loss themselves (zeroth-order ones), builds the
+    closure the row passes to every ``step``."""
 
     name: str
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
     baseline: str = "adamw"
     note: str = ""
+    make_closure: Callable[[list[nn.Parameter]], Callable[[], torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,10 @@ OPTIMIZER_CASES: list[OptimizerCase] = [
                   note="both weights whitened (Newton-Schulz k=10); biases on Adam"),
     OptimizerCase("normlab SinkGD", lambda params: SinkGD(_matrix_groups(params, "use_sinkgd"), lr=1e-3),
                   note="both weights SR-Sinkhorn L=5; biases on Adam"),
+    OptimizerCase("normlab ZOAdam", lambda params: ZOAdam(params, lr=1e-3),
+                  make_closure=lambda params: lambda: params[-1].sum(),
+                  note="2 probes; the closure is the sum of one bias, so this is the optimizer's own cost on top of "
+                       "its 3 forward passes"),
 ]
 
 
@@ -452,6 +459,12 @@ def time_attention(case: AttentionCase, quick: bool, backend: str | Callable = "
     return row
 
 
+def optimizer_step(case: OptimizerCase, opt: torch.optim.Optimizer, params: list[nn.Parameter]
+                   ) -> Callable[[], object]:
+    """The zero-argument step a row times: ``opt.step``, or ``opt.step(closure)`` for a closure case."""
+    return opt.step if case.make_closure is None else partial(opt.step, case.make_closure(params))
+
+
 def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "inductor") -> dict:
     """One optimizer row: ``step()`` of ``case`` against AdamW(foreach=True), with its state bytes.
     The compiled column compiles ``step`` (torch.optim supports this)."""
@@ -462,17 +475,18 @@ def time_optimizer(case: OptimizerCase, quick: bool, backend: str | Callable = "
     try:
         base_opt, _ = setup_optimizer(base_case, quick)
         opt, params = setup_optimizer(case, quick)
-        opt.step()
+        step = optimizer_step(case, opt, params)
+        step()
         row["state_bytes"] = optimizer_state_bytes(opt)
         fns = {"baseline": base_opt.step, "copy": lambda: [p.detach().clone() for p in params]}
         if case is not base_case:
-            fns["eager"] = opt.step
+            fns["eager"] = step
     except Exception as exc:  # noqa: BLE001
         row["error"] = _error(exc)
         return row
     try:
-        compiled_opt, _ = setup_optimizer(case, quick)
-        fns["compiled"] = _compile(lambda: torch.compile(compiled_opt.step, backend=backend))
+        compiled_step = optimizer_step(case, *setup_optimizer(case, quick))
+        fns["compiled"] = _compile(lambda: torch.compile(compiled_step, backend=backend))
     except Exception as exc:  # noqa: BLE001
         row["error"] = f"compile ({_name(backend)}): {_error(exc)}"
     _time_row(row, fns, case is base_case, rounds, min_run_time)
