@@ -35,6 +35,7 @@ from statistics import fmean, stdev
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import nn
 
 from ...training.fedtiny import FedTiny, adaptive_bn_selection, apply_masks, candidate_masks
@@ -90,19 +91,10 @@ def random_candidate(seed: int, num_candidates: int) -> int:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties; NaN when one side is constant)."""
-    def ranks(v: list[float]) -> np.ndarray:
-        v = np.asarray(v, dtype=float)
-        r = np.empty(len(v))
-        r[v.argsort(kind="stable")] = np.arange(len(v), dtype=float)
-        for u in np.unique(v):
-            r[v == u] = r[v == u].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman's rank correlation (scipy's, average ranks for ties); NaN when one side is constant."""
+    if len(set(a)) < 2 or len(set(b)) < 2:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def _accuracy(x_test: torch.Tensor, y_test: torch.Tensor):
