@@ -155,7 +155,7 @@ def test_adam_part_matches_a_hand_written_adam():
     xr = x.double().clone()
     mr, sr = torch.zeros(20, dtype=torch.float64), torch.zeros(20, dtype=torch.float64)
     for t, g in enumerate(grads, 1):
-        zo_adam_update(x, g, m, s, t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
+        zo_adam_update(x, g.clone(), m, s, t, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd)
         gd = g.double()
         mr = b1 * mr + (1 - b1) * gd
         sr = b2 * sr + (1 - b2) * gd * gd

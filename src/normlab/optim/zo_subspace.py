@@ -225,14 +225,16 @@ class SubspaceDenoiser:
 def zo_adam_update(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float,
                    beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One Adam update of the flat vector ``master`` in place: bias-corrected, ``eps`` outside the sqrt,
-    decoupled weight decay (the official ``ZOAdam.update`` operation order)."""
-    exp_avg.mul_(beta1).add_(grad * (1 - beta1))
-    exp_avg_sq.mul_(beta2).add_(grad.square().mul_(1 - beta2))
+    decoupled weight decay (the official ``ZOAdam.update`` operations in their order, so the result is
+    bitwise the official one). ``grad`` is used as scratch space and overwritten."""
+    scratch = torch.mul(grad, 1 - beta1)
+    exp_avg.mul_(beta1).add_(scratch)
+    exp_avg_sq.mul_(beta2).add_(grad.square_().mul_(1 - beta2))
     if weight_decay:
         master.mul_(1 - lr * weight_decay)
-    m_hat = exp_avg / (1 - beta1 ** step)
-    v_hat = exp_avg_sq / (1 - beta2 ** step)
-    master.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+    v_hat = torch.div(exp_avg_sq, 1 - beta2 ** step, out=grad)
+    step_size = torch.div(exp_avg, 1 - beta1 ** step, out=scratch).mul_(lr)
+    master.sub_(step_size.div_(v_hat.sqrt_().add_(eps)))
 
 
 class ZOAdam(CheckedGroups):
@@ -349,18 +351,18 @@ class ZOAdam(CheckedGroups):
 
     # -- step ------------------------------------------------------------------------------------------
 
-    def _perturb(self, group: dict, state: dict, z: Tensor, scale: float) -> None:
-        """``v <- v + scale z`` (``scale = mu``) or the restore (``scale = -mu``); float16/bfloat16 groups
-        write ``master + mu z`` and restore from the master."""
+    def _shift(self, group: dict, state: dict, mu_z: Tensor, restore: bool) -> None:
+        """``v <- v + mu z`` or, with ``restore``, ``v <- v - mu z`` (the official restore by subtraction);
+        float16/bfloat16 groups write ``master + mu z`` and restore from the master."""
         params = group["params"]
         sizes = [p.numel() for p in params]
         if "master" in state:
-            perturbed = state["master"] if scale < 0 else state["master"] + z * scale
-            for p, c in zip(params, perturbed.split(sizes)):
+            shifted = state["master"] if restore else state["master"] + mu_z
+            for p, c in zip(params, shifted.split(sizes)):
                 p.copy_(c.view_as(p))
         else:
-            step = z * scale
-            torch._foreach_add_(list(params), [c.view_as(p) for p, c in zip(params, step.split(sizes))])
+            chunks = [c.view_as(p) for p, c in zip(params, mu_z.split(sizes))]
+            (torch._foreach_sub_ if restore else torch._foreach_add_)(list(params), chunks)
 
     @staticmethod
     def _check_finite(value: float, step: int, what: str) -> None:
@@ -385,12 +387,13 @@ class ZOAdam(CheckedGroups):
         seeds = torch.randint(0, 2 ** 62, (n,), generator=self.generator, device=self.generator.device).tolist()
         diffs = []
         for i, seed in enumerate(seeds):
-            zs = [probe_direction(seed + j, d, dt, dev) for j, (d, dt, dev) in enumerate(zip(dims, dtypes, devices))]
-            for g, s, z in zip(groups, states, zs):
-                self._perturb(g, s, z, mu)
+            mu_zs = [probe_direction(seed + j, d, dt, dev).mul_(mu)
+                     for j, (d, dt, dev) in enumerate(zip(dims, dtypes, devices))]
+            for g, s, mu_z in zip(groups, states, mu_zs):
+                self._shift(g, s, mu_z, restore=False)
             li = float(closure())
-            for g, s, z in zip(groups, states, zs):
-                self._perturb(g, s, z, -mu)
+            for g, s, mu_z in zip(groups, states, mu_zs):
+                self._shift(g, s, mu_z, restore=True)
             self._check_finite(li, k, f"probe {i + 1} of {n}")
             diffs.append((li - l0) / mu)
         self._zero_steps = self._zero_steps + 1 if all(g == 0 for g in diffs) else 0
