@@ -550,8 +550,7 @@ def _select(model, masks, group: _Clients, num_batches, batch_size, loss_fn):
                                                          dtype=torch.float64)]))
         rows[k] = torch.stack(per_candidate)
     table = group.gather(rows)                                    # (K, C, S + 1)
-    pooled = _weighted_mean(table, group.sizes)                   # (C, S + 1)
-    losses = pooled[:, -1]
+    losses = _weighted_mean(table[:, :, -1], group.sizes)         # (C,): the n_k-weighted candidate losses
     best = int(torch.argmin(losses))                              # first minimum on ties
     like = {name: BNStats(m.running_mean, m.running_var, 0) for name, m in _bn_layers(model).items()}
     per_client = [_stats_from_vector(table[k, best, :-1], like) for k in range(group.num)]
